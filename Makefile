@@ -1,0 +1,55 @@
+# Two commands matter: `make book` builds the site, `make test` checks everything.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+LOCK := requirements.lock
+STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
+JOBS ?= 2
+
+# Every JAX process started from make sees eight CPU devices.
+export XLA_FLAGS := --xla_force_host_platform_device_count=8
+export JAX_PLATFORMS := cpu
+
+.PHONY: install test lint unit notebooks book browser bench lab lock clean
+
+$(STAMP): $(LOCK) pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[test,book]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+test: install lint unit notebooks book browser
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+unit: install
+	$(PY) -m pytest -n $(JOBS) -m "not browser" tests
+
+notebooks: install
+	$(PY) -m pytest -n $(JOBS) --nbmake --nbmake-timeout=300 book
+
+book: install
+	$(PY) -m jupyter_book build . -W -n --keep-going
+
+browser: install
+	$(PY) -m pytest -m browser tests
+
+bench: install
+	$(PY) benchmarks/attention.py
+
+lab: install
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[lab]"
+	$(PY) -m jupyter lab book/
+
+# Re-resolve the newest versions and rewrite the lock file (needs the network).
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet -e ".[test,book,lab]"
+	.lock-venv/bin/pip freeze --exclude-editable > $(LOCK)
+	rm -rf .lock-venv
+
+clean:
+	rm -rf _build .pytest_cache .ruff_cache
