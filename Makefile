@@ -31,8 +31,10 @@ unit: install
 notebooks: install
 	$(PY) -m pytest -n $(JOBS) --nbmake --nbmake-timeout=300 book
 
+# MathJax comes from npm (package-lock.json), so the site renders math offline.
 book: install
-	$(PY) -m jupyter_book build . -W -n --keep-going
+	test node_modules/.package-lock.json -nt package-lock.json || npm ci --no-audit --no-fund
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 
 browser: install
 	$(PY) -m pytest -m browser tests

@@ -29,13 +29,13 @@ def check_shape(
     shape = tuple(np.shape(array))
     wanted = ", ".join(f"{a}={known[a]}" if a in known else a for a in axes)
     if len(shape) != len(axes) or any(
-        a in known and known[a] != n for a, n in zip(axes, shape)
+        a in known and known[a] != n for a, n in zip(axes, shape, strict=True)
     ):
         raise ValueError(
             f"{name} must have shape [{wanted}] ({len(axes)} dims), "
             f"got shape {list(shape)}"
         )
-    return known | dict(zip(axes, shape))
+    return known | dict(zip(axes, shape, strict=True))
 
 
 def check_scalar(name: str, array) -> None:
@@ -43,3 +43,10 @@ def check_scalar(name: str, array) -> None:
     shape = tuple(np.shape(array))
     if shape not in ((), (1,)):
         raise ValueError(f"{name} must have shape [] or [1], got shape {list(shape)}")
+
+
+def check_integer(name: str, array) -> None:
+    """Check `array` has an integer dtype (indices such as shortcodes)."""
+    dtype = array.dtype if hasattr(array, "dtype") else np.asarray(array).dtype
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"{name} must have an integer dtype, got {dtype}")

@@ -15,7 +15,7 @@ import jax.scipy as jsp
 from flax import struct
 
 from tvq.config import TransformerConfig
-from tvq.shapes import check_scalar, check_shape
+from tvq.shapes import check_integer, check_scalar, check_shape
 
 MIN_COUNT = 0.01  # c_count floor when dividing, so unused codes never give inf/NaN
 
@@ -84,8 +84,7 @@ def get_codewords(shortcodes: jax.Array, codebook: jax.Array) -> jax.Array:
     """
     dims = check_shape("shortcodes", shortcodes, "BHL")
     check_shape("codebook", codebook, "HSK", {"H": dims["H"]})
-    if not jnp.issubdtype(shortcodes.dtype, jnp.integer):
-        raise ValueError(f"shortcodes must be integers, got dtype {shortcodes.dtype}")
+    check_integer("shortcodes", shortcodes)
     heads = jnp.arange(dims["H"])[None, :, None]
     return codebook[heads, shortcodes]
 
@@ -112,7 +111,9 @@ class LearnableVQ(nn.Module):
             if getattr(cfg, name) is None:
                 raise ValueError(f"LearnableVQ needs config.{name}, got None")
         if cfg.w_init is None:
-            raise ValueError("LearnableVQ needs config.w_init: use TransformerConfig.create")
+            raise ValueError(
+                "LearnableVQ needs config.w_init: use TransformerConfig.create"
+            )
         shape = [cfg.n_head, cfg.n_code, cfg.d_k]
         self.c_sum = self.param("c_sum", cfg.w_init, shape, cfg.param_dtype)
         self.c_count = self.param(
@@ -121,7 +122,9 @@ class LearnableVQ(nn.Module):
 
     def get_codebook(self) -> jax.Array:
         """[H, S, K] codebook c_sum / c_count, with no gradient to the parameters."""
-        return sg(codebook_from_stats(self.c_sum, self.c_count)).astype(self.config.dtype)
+        return sg(codebook_from_stats(self.c_sum, self.c_count)).astype(
+            self.config.dtype
+        )
 
     @staticmethod
     def get_codebook_ema_targets(
@@ -140,6 +143,7 @@ class LearnableVQ(nn.Module):
         """
         dims = check_shape("vecs", vecs, "BHLK")
         dims = check_shape("shortcodes", shortcodes, "BHL", dims)
+        check_integer("shortcodes", shortcodes)
         dims = check_shape("c_sum", c_sum, "HSK", dims)
         check_shape("c_count", c_count, "HS", dims)
         check_shape("vq_spec.loss_mask", vq_spec.loss_mask, "BL", dims)
@@ -190,6 +194,10 @@ class LearnableVQ(nn.Module):
         c_entropy: entropy (nats) of the code-usage distribution, at most log S;
         relative_err_*: |x - c(x)| / |x| over positions.
         """
+        dims = check_shape("vecs", vecs, "BHLK")
+        dims = check_shape("errs2", errs2, "BHL", dims)
+        dims = check_shape("c_sum", c_sum, "HSK", dims)
+        check_shape("c_count", c_count, "HS", dims)
         vecs, errs2, c_sum, c_count = map(sg, (vecs, errs2, c_sum, c_count))
         counts = jnp.maximum(c_count, MIN_COUNT)
         probs = counts / jnp.sum(counts, axis=-1, keepdims=True)
@@ -239,7 +247,9 @@ class LearnableVQ(nn.Module):
         else:
             l_commit = jnp.zeros([], cfg.dtype)
             l_codebook = jnp.zeros([], cfg.dtype)
-        metrics = self.get_quantization_metrics(vecs_hp, errs2, self.c_sum, self.c_count)
+        metrics = self.get_quantization_metrics(
+            vecs_hp, errs2, self.c_sum, self.c_count
+        )
         return dict(
             quantized=quantized,
             shortcodes=shortcodes,
