@@ -80,7 +80,8 @@ def get_shortcodes(vecs: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax
 def get_codewords(shortcodes: jax.Array, codebook: jax.Array) -> jax.Array:
     """Look up codewords: [B, H, L] shortcodes and [H, S, K] codebook -> [B, H, L, K].
 
-    Indices outside [0, S) are clamped by JAX, as for any gather.
+    Shortcodes index like NumPy (-1 is the last code); past the ends JAX clamps
+    instead of raising, as for any gather.
     """
     dims = check_shape("shortcodes", shortcodes, "BHL")
     check_shape("codebook", codebook, "HSK", {"H": dims["H"]})
