@@ -1,6 +1,15 @@
 """tvq: the vector-quantization machinery of Transformer-VQ, in JAX and Flax."""
 
 from tvq.config import TransformerConfig
+from tvq.parallel import (
+    apply_sgd1,
+    codebook_grads,
+    make_data_mesh,
+    make_vq_spec,
+    pmap_codebook_grads,
+    shard_map_codebook_grads,
+    sharded_codebook_grads,
+)
 from tvq.vq import (
     LearnableVQ,
     VQSpec,
@@ -13,6 +22,13 @@ from tvq.vq import (
 
 __all__ = [
     "LearnableVQ",
+    "apply_sgd1",
+    "codebook_grads",
+    "make_data_mesh",
+    "make_vq_spec",
+    "pmap_codebook_grads",
+    "shard_map_codebook_grads",
+    "sharded_codebook_grads",
     "TransformerConfig",
     "VQSpec",
     "codebook_from_stats",
