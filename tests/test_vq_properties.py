@@ -376,3 +376,15 @@ def test_get_shortcodes_and_codewords_under_pmap():
     np.testing.assert_allclose(errs2.reshape(dist2.shape), dist2, rtol=1e-9, atol=1e-12)
     expected = codebook[np.arange(3)[None, :, None], idx]
     np.testing.assert_array_equal(codewords.reshape(expected.shape), expected)
+
+
+def test_ties_go_to_the_first_code():
+    rng = np.random.default_rng(11)
+    codebook = rng.normal(size=(3, 16, 4))
+    codebook[:, 8:] = codebook[:, :8]  # duplicated codewords tie exactly
+    on_codes = np.broadcast_to(codebook[None, :, :8], (2, 3, 8, 4))
+    vecs = np.concatenate([on_codes, rng.normal(size=(2, 3, 32, 4))], axis=2)
+    codes, _ = jax.jit(get_shortcodes)(jnp.asarray(vecs), jnp.asarray(codebook))
+    first = np.broadcast_to(np.arange(8), (2, 3, 8))
+    np.testing.assert_array_equal(codes[:, :, :8], first)
+    assert int(codes.max()) < 8

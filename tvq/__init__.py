@@ -1,5 +1,6 @@
 """tvq: the vector-quantization machinery of Transformer-VQ, in JAX and Flax."""
 
+from tvq.attention import vq_attention, vq_attention_flops
 from tvq.config import TransformerConfig
 from tvq.parallel import (
     apply_sgd1,
@@ -36,5 +37,7 @@ __all__ = [
     "get_shortcodes",
     "sg",
     "st",
+    "vq_attention",
+    "vq_attention_flops",
 ]
 __version__ = "0.1.0"

@@ -55,7 +55,7 @@ def get_shortcodes(vecs: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax
     """Index of the nearest codeword for every vector, per head.
 
     Squared distances use |x|^2 - 2 x.c + |c|^2, so the only O(B H L S K) work
-    is one einsum.
+    is one einsum. Ties go to the lowest index, as with argmin.
 
     Args:
       vecs: [B, H, L, K] vectors to quantize.
@@ -66,15 +66,21 @@ def get_shortcodes(vecs: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax
       errs2: [B, H, L] squared distance to it, clamped at 0 against round-off.
     """
     dims = check_shape("vecs", vecs, "BHLK")
-    check_shape("codebook", codebook, "HSK", {"H": dims["H"], "K": dims["K"]})
+    dims = check_shape("codebook", codebook, "HSK", {"H": dims["H"], "K": dims["K"]})
+    # Laid out [B, H, S, L] and reduced over S with two min reductions: on CPU
+    # this runs several times faster than an argmin over a last axis of size S.
     dists2 = (
-        jnp.sum(jnp.square(vecs), axis=-1)[..., None]
-        - 2.0 * jnp.einsum("bhlk,hsk->bhls", vecs, codebook)
-        + jnp.sum(jnp.square(codebook), axis=-1)[None, :, None, :]
+        jnp.sum(jnp.square(vecs), axis=-1)[:, :, None, :]
+        - 2.0 * jnp.einsum("bhlk,hsk->bhsl", vecs, codebook)
+        + jnp.sum(jnp.square(codebook), axis=-1)[None, :, :, None]
     )
-    shortcodes = jnp.argmin(dists2, axis=-1).astype(jnp.int32)
-    errs2 = jnp.maximum(jnp.min(dists2, axis=-1), 0.0)
-    return shortcodes, errs2
+    min_dists2 = jnp.min(dists2, axis=2)
+    # Float code indices are exact below 2**24 and reduce faster than integers.
+    index_dtype = jnp.float32 if dims["S"] < 2**24 else jnp.int32
+    index = jax.lax.broadcasted_iota(index_dtype, dists2.shape, 2)
+    is_nearest = dists2 == min_dists2[:, :, None, :]
+    shortcodes = jnp.min(jnp.where(is_nearest, index, dims["S"]), axis=2)
+    return shortcodes.astype(jnp.int32), jnp.maximum(min_dists2, 0.0)
 
 
 def get_codewords(shortcodes: jax.Array, codebook: jax.Array) -> jax.Array:
