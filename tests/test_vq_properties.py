@@ -388,3 +388,26 @@ def test_ties_go_to_the_first_code():
     first = np.broadcast_to(np.arange(8), (2, 3, 8))
     np.testing.assert_array_equal(codes[:, :, :8], first)
     assert int(codes.max()) < 8
+
+
+def test_relative_error_metrics_skip_masked_positions():
+    rng = np.random.default_rng(21)
+    vecs = rng.normal(size=[3, 2, 10, 4])
+    errs2 = rng.uniform(size=[3, 2, 10])
+    mask = rng.uniform(size=[3, 10]) < 0.6
+    errs2[~np.broadcast_to(mask[:, None, :], errs2.shape)] = 1e6  # padding: huge
+    c_sum, c_count = np.ones([2, 5, 4]), np.ones([2, 5])
+    metrics = jax.jit(LearnableVQ.get_quantization_metrics)(
+        vecs, errs2, c_sum, c_count, mask.astype(np.float64)
+    )
+    rel = np.sqrt(errs2) / (np.linalg.norm(vecs, axis=-1) + 0.01)  # [B, H, L]
+    real = np.moveaxis(rel, 1, 0)[:, mask]  # [H, unmasked positions]
+    for name, reduce in [("min", np.min), ("mean", np.mean), ("max", np.max)]:
+        expected = reduce(real, axis=1).mean()
+        np.testing.assert_allclose(metrics[f"relative_err_{name}"], expected, rtol=1e-6)
+
+    none_real = jax.jit(LearnableVQ.get_quantization_metrics)(
+        vecs, errs2, c_sum, c_count, np.zeros([3, 10])
+    )
+    for name in ("min", "mean", "max"):
+        assert float(none_real[f"relative_err_{name}"]) == 0.0

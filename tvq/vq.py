@@ -194,21 +194,29 @@ class LearnableVQ(nn.Module):
         errs2: jax.Array,
         c_sum: jax.Array,
         c_count: jax.Array,
+        loss_mask: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """Scalar diagnostics, averaged over heads; no gradient flows through them.
 
         c_usage_*: EMA counts per code; c_dead: codes with count below 1;
         c_entropy: entropy (nats) of the code-usage distribution, at most log S;
-        relative_err_*: |x - c(x)| / |x| over positions.
+        c_norm_mean: codeword norm; relative_err_*: |x - c(x)| / |x| over the
+        positions where the [B, L] loss_mask is nonzero (all when None; 0 when
+        every position is masked).
         """
         dims = check_shape("vecs", vecs, "BHLK")
         dims = check_shape("errs2", errs2, "BHL", dims)
         dims = check_shape("c_sum", c_sum, "HSK", dims)
         check_shape("c_count", c_count, "HS", dims)
+        if loss_mask is None:
+            loss_mask = jnp.ones((dims["B"], dims["L"]))
+        check_shape("loss_mask", loss_mask, "BL", dims)
         vecs, errs2, c_sum, c_count = map(sg, (vecs, errs2, c_sum, c_count))
         counts = jnp.maximum(c_count, MIN_COUNT)
         probs = counts / jnp.sum(counts, axis=-1, keepdims=True)
         rel_errs = jnp.sqrt(errs2) / (jnp.linalg.norm(vecs, axis=-1) + MIN_COUNT)
+        real = jnp.broadcast_to(sg(loss_mask)[:, None, :] != 0, rel_errs.shape)
+        n_real = jnp.sum(real, axis=(0, 2))
         per_head = dict(
             c_usage_min=jnp.min(c_count, axis=1),
             c_usage_mean=jnp.mean(c_count, axis=1),
@@ -218,9 +226,14 @@ class LearnableVQ(nn.Module):
             c_norm_mean=jnp.mean(
                 jnp.linalg.norm(codebook_from_stats(c_sum, c_count), axis=-1), axis=1
             ),
-            relative_err_min=jnp.min(rel_errs, axis=(0, 2)),
-            relative_err_mean=jnp.mean(rel_errs, axis=(0, 2)),
-            relative_err_max=jnp.max(rel_errs, axis=(0, 2)),
+            relative_err_min=jnp.where(
+                n_real > 0,
+                jnp.min(rel_errs, axis=(0, 2), where=real, initial=jnp.inf),
+                0.0,
+            ),
+            relative_err_mean=jnp.sum(jnp.where(real, rel_errs, 0.0), axis=(0, 2))
+            / jnp.maximum(n_real, 1),
+            relative_err_max=jnp.max(rel_errs, axis=(0, 2), where=real, initial=0.0),
         )
         return {k: jnp.mean(v.astype(jnp.float32)) for k, v in per_head.items()}
 
@@ -255,7 +268,7 @@ class LearnableVQ(nn.Module):
             l_commit = jnp.zeros([], cfg.dtype)
             l_codebook = jnp.zeros([], cfg.dtype)
         metrics = self.get_quantization_metrics(
-            vecs_hp, errs2, self.c_sum, self.c_count
+            vecs_hp, errs2, self.c_sum, self.c_count, vq_spec.loss_mask
         )
         return dict(
             quantized=quantized,
