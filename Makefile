@@ -6,9 +6,10 @@ LOCK := requirements.lock
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
 JOBS ?= 2
 
-# Every JAX process started from make sees eight CPU devices.
-export XLA_FLAGS := --xla_force_host_platform_device_count=8
-export JAX_PLATFORMS := cpu
+# The tests and the book run on eight CPU devices (tests/conftest.py and each
+# notebook's first cell also say so; this covers anything they start).
+unit notebooks book browser: export XLA_FLAGS := --xla_force_host_platform_device_count=8
+unit notebooks book browser: export JAX_PLATFORMS := cpu
 
 .PHONY: install test lint unit notebooks book browser bench lab lock clean
 

@@ -14,11 +14,11 @@ shape of work: a scan over block-sized [T, K] x [K, S] products, as many as
 make up the same FLOP count (rounded up), summed into one [T, S] carry so that
 everything stays in cache, as the blocks of vq_attention do.
 
-Both functions run on one device. The Makefile forces eight host devices on
-every process (for the tests and the book); that setting slows XLA's CPU
-runtime down for the many small steps of vq_attention's scan (about 25% on a
-2-core machine), and does not change dense attention, so it is dropped here
-before JAX starts.
+Both functions run on one device. Forced host devices (the tests' and the
+book's setting, --xla_force_host_platform_device_count in XLA_FLAGS) slow XLA's
+CPU runtime down for the many small steps of vq_attention's scan (about 25% on
+a 2-core machine) and do not change dense attention, so a shell that exports
+that flag does not skew the numbers: it is dropped here before JAX starts.
 
 Usage: python benchmarks/attention.py [--max-len 8192] [--repeats 5] [--rounds 3]
                                      [--out F]

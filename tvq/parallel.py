@@ -147,19 +147,32 @@ def pmap_codebook_grads(
     return jax.pmap(step, axis_name=axis_name)
 
 
-def _check_batch(mesh: Mesh, axis: str, vecs, loss_mask):
-    """Global batch must split evenly over the mesh axis; returns the [B, L] mask."""
-    dims = check_shape("vecs", vecs, "BHLK")
+def _on_mesh(mesh: Mesh, axis: str, fn):
+    """Wrap fn(params, vecs, shortcodes, loss_mask) to take global arrays.
+
+    The wrapper checks the batch splits evenly over the mesh axis, fills in an
+    all-ones [B, L] loss_mask for None, replicates params and splits the batch
+    over `axis` before calling fn.
+    """
+    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
     n_device = mesh.shape[axis]
-    if dims["B"] % n_device:
-        raise ValueError(
-            f"vecs batch B={dims['B']} (shape {list(vecs.shape)}) must be divisible "
-            f"by the {n_device} devices of mesh axis {axis!r}"
+
+    def run(params, vecs, shortcodes, loss_mask=None):
+        dims = check_shape("vecs", vecs, "BHLK")
+        if dims["B"] % n_device:
+            raise ValueError(
+                f"vecs batch B={dims['B']} (shape {list(vecs.shape)}) must be "
+                f"divisible by the {n_device} devices of mesh axis {axis!r}"
+            )
+        if loss_mask is None:
+            loss_mask = jnp.ones((dims["B"], dims["L"]), vecs.dtype)
+        check_shape("loss_mask", loss_mask, "BL", dims)
+        return fn(
+            jax.device_put(params, repl),
+            *jax.device_put((vecs, shortcodes, loss_mask), data),
         )
-    if loss_mask is None:
-        return jnp.ones((dims["B"], dims["L"]), vecs.dtype)
-    check_shape("loss_mask", loss_mask, "BL", dims)
-    return loss_mask
+
+    return run
 
 
 def shard_map_codebook_grads(
@@ -179,7 +192,6 @@ def shard_map_codebook_grads(
     params to device-varying first keeps each gradient per-device, as under pmap.
     """
     n_device = mesh.shape[axis]
-    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
 
     def local(params, vecs, shortcodes, loss_mask):
         params = jax.tree.map(lambda p: jax.lax.pcast(p, axis, to="varying"), params)
@@ -194,23 +206,10 @@ def shard_map_codebook_grads(
         )
         return jax.lax.pmean(grads, axis)
 
-    mapped = jax.jit(
-        jax.shard_map(
-            local,
-            mesh=mesh,
-            in_specs=(P(), P(axis), P(axis), P(axis)),
-            out_specs=P(),
-        )
+    mapped = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(axis), P(axis), P(axis)), out_specs=P()
     )
-
-    def run(params, vecs, shortcodes, loss_mask=None):
-        loss_mask = _check_batch(mesh, axis, vecs, loss_mask)
-        return mapped(
-            jax.device_put(params, repl),
-            *jax.device_put((vecs, shortcodes, loss_mask), data),
-        )
-
-    return run
+    return _on_mesh(mesh, axis, jax.jit(mapped))
 
 
 def sharded_codebook_grads(
@@ -238,12 +237,4 @@ def sharded_codebook_grads(
     compiled = jax.jit(
         global_grads, in_shardings=(repl, data, data, data), out_shardings=repl
     )
-
-    def run(params, vecs, shortcodes, loss_mask=None):
-        loss_mask = _check_batch(mesh, axis, vecs, loss_mask)
-        return compiled(
-            jax.device_put(params, repl),
-            *jax.device_put((vecs, shortcodes, loss_mask), data),
-        )
-
-    return run
+    return _on_mesh(mesh, axis, compiled)
