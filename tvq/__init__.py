@@ -1,7 +1,16 @@
 """tvq: the vector-quantization machinery of Transformer-VQ, in JAX and Flax."""
 
-from tvq.attention import vq_attention, vq_attention_flops
+from tvq.attention import (
+    attend_block,
+    blockwise_attention,
+    initial_attention_state,
+    update_state,
+    vq_attention,
+    vq_attention_flops,
+)
 from tvq.config import TransformerConfig
+from tvq.layers import GAU, LayerNorm
+from tvq.model import Transformer, TransformerLayer, loss_fn
 from tvq.parallel import (
     apply_sgd1,
     codebook_grads,
@@ -22,7 +31,16 @@ from tvq.vq import (
 )
 
 __all__ = [
+    "GAU",
+    "LayerNorm",
     "LearnableVQ",
+    "Transformer",
+    "TransformerLayer",
+    "attend_block",
+    "blockwise_attention",
+    "initial_attention_state",
+    "loss_fn",
+    "update_state",
     "apply_sgd1",
     "codebook_grads",
     "make_data_mesh",

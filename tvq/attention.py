@@ -1,15 +1,24 @@
-"""Causal softmax attention over quantized keys, in time linear in sequence length.
+"""Causal softmax attention over quantized keys, block by block, in linear time.
 
-With keys quantized to S codewords, every earlier block's keys and values
-reduce to S per-code aggregates: how often each code occurred (counts) and the
-sum of the values that carried it (value sums). Each block of block_len queries
-then attends exactly within its own block and to those S aggregates, so a
-length-L sequence costs O(L * (S + block_len)) time, and beyond arrays the
-size of its inputs and output the forward pass needs only the cache, O(S * V),
-and one block's scores, O(block_len * (S + block_len)), whatever L is.
+Each block of T = block_len queries attends
+
+- exactly to a window: the M = mem_len previous keys and values carried in the
+  state (the "xlcache") and its own block under a causal mask, with optional
+  Transformer-XL relative position terms for distances 0..M;
+- through the codebook to every older position: keys quantized to S codewords
+  reduce to a per-code count n_s and running mean of values (the "aggcache"),
+  and code s enters the softmax once, with score q.c_s + log n_s.
+
+After the block, its T oldest window entries fold into the aggcache. The state
+has a fixed size whatever the length, so a length-L sequence costs
+O(L (S + M + T)) time and the state O(S V + M (K + V)) memory per head.
+
+This is the one block-attention implementation of tvq: `vq_attention` (the
+attention chapter), `tvq.layers.GAU` (the model) and decoding (block_len = 1)
+all run `attend_block` and `update_state` below.
 
 Axes: B batch, H heads, L length, S codes, K key width, V value width,
-R blocks, T block length.
+T block length, M window (mem_len), W = M + T, R blocks.
 """
 
 from __future__ import annotations
@@ -20,75 +29,289 @@ import jax
 import jax.numpy as jnp
 
 from tvq.shapes import check_shape
-from tvq.vq import get_codewords, get_shortcodes
+from tvq.vq import get_codewords, get_shortcodes, sg, st
+
+
+def initial_attention_state(
+    batch_size: int,
+    n_head: int,
+    n_code: int,
+    mem_len: int,
+    d_k: int,
+    d_v: int,
+    dtype=jnp.float32,
+) -> dict:
+    """The state before the first block: empty window, empty cache.
+
+    Returns a pytree with
+      pos_offset: [] int32, positions seen so far;
+      xlcache: z [B, H, M] int32 shortcodes (S marks an empty slot),
+        k_hat [B, H, M, K] quantized keys, v [B, H, M, V] values;
+      aggcache: lower [B, H, S] counts n_s, upper_div_lower [B, H, S, V]
+        running means of the values of each code.
+    """
+    if not isinstance(mem_len, numbers.Integral) or mem_len < 0:
+        raise ValueError(f"mem_len must be an int >= 0, got {mem_len!r}")
+    prefix = [batch_size, n_head]
+    return dict(
+        pos_offset=jnp.zeros([], jnp.int32),
+        xlcache=dict(
+            z=jnp.full([*prefix, mem_len], n_code, jnp.int32),
+            k_hat=jnp.zeros([*prefix, mem_len, d_k], dtype),
+            v=jnp.zeros([*prefix, mem_len, d_v], dtype),
+        ),
+        aggcache=dict(
+            lower=jnp.zeros([*prefix, n_code], dtype),
+            upper_div_lower=jnp.zeros([*prefix, n_code, d_v], dtype),
+        ),
+    )
+
+
+def check_state(state: dict, expected: dict, name: str = "state") -> None:
+    """ValueError unless `state` has the structure, shapes and dtypes of `expected`."""
+    if jax.tree.structure(state) != jax.tree.structure(expected):
+        raise ValueError(
+            f"{name} must have the structure {jax.tree.structure(expected)}, "
+            f"got {jax.tree.structure(state)}"
+        )
+    for (path, got), want in zip(
+        jax.tree_util.tree_leaves_with_path(state),
+        jax.tree.leaves(expected),
+        strict=True,
+    ):
+        where = name + jax.tree_util.keystr(path)
+        if jnp.shape(got) != jnp.shape(want):
+            raise ValueError(
+                f"{where} must have shape {list(jnp.shape(want))} (a state made for "
+                f"this batch size and config), got shape {list(jnp.shape(got))}"
+            )
+        if jnp.result_type(got) != jnp.result_type(want):
+            raise ValueError(
+                f"{where} must have dtype {jnp.result_type(want)}, "
+                f"got {jnp.result_type(got)}"
+            )
+
+
+def sinusoids(length: int, width: int, lam: float, start=0) -> jax.Array:
+    """[length, width] sin and cos of positions start.. at wavelengths up to lam.
+
+    Column i < width / 2 holds sin(p / lam^(2i / width)), the rest the cosines.
+    """
+    positions = start + jnp.arange(length)
+    inv_lams = lam ** (-jnp.arange(0, width, 2) / width)
+    angles = positions[:, None] * inv_lams[None, :]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def agg_biases(lower: jax.Array) -> jax.Array:
+    """log n_s for each code's count n_s, and -inf where n_s = 0 (code unused)."""
+    return jnp.where(lower > 0, jnp.log(jnp.maximum(lower, 1.0)), -jnp.inf)
+
+
+def window_masks(block_len, mem_len, pos_offset, agg_cache):
+    """Which window entries each query of a block may see. Both [T, W] bool.
+
+    Window column j holds the key at distance M + i - j from query i. `keep`:
+    the key exists (not before position 0) and is not in the future; without the
+    aggcache, also at distance <= M (a sliding window). `near`: kept and at
+    distance <= M, where the relative position terms act.
+    """
+    i = jnp.arange(block_len)[:, None]
+    j = jnp.arange(mem_len + block_len)[None, :]
+    exists = j >= jnp.maximum(mem_len - pos_offset, 0)
+    near = exists & (j <= mem_len + i) & (j >= i)
+    keep = near if not agg_cache else exists & (j <= mem_len + i)
+    return keep, near
+
+
+def relative_scores(q_pos, r, mem_len):
+    """[B, H, T, W] (q + v).r_d for window column j at distance d = M + i - j.
+
+    q_pos: [B, H, T, K] queries plus the XL bias v; r: [H, M + 1, K] projected
+    sinusoids of distances 0..M. Entries at distances outside 0..M are 0.
+    """
+    block_len = q_pos.shape[2]
+    by_distance = jnp.einsum("bhtk,hdk->bhtd", q_pos, r)  # [B, H, T, M + 1]
+    i = jnp.arange(block_len)[:, None]
+    j = jnp.arange(mem_len + block_len)[None, :]
+    dist = mem_len + i - j
+    valid = (dist >= 0) & (dist <= mem_len)
+    index = jnp.broadcast_to(
+        jnp.clip(dist, 0, mem_len), (*q_pos.shape[:2], *dist.shape)
+    )
+    return jnp.where(valid, jnp.take_along_axis(by_distance, index, axis=-1), 0.0)
+
+
+def attend_block(q, k_hat, v, codebook, state, *, agg_cache=True, q_pos=None, r=None):
+    """One block's attention over its window and the aggcache.
+
+    Scores are q.k_hat (+ relative terms) in the window and q.c_s + log n_s for
+    the S codes of the aggcache; one softmax over the S + W entries, shifted by
+    a stop-gradient max. The codebook enters with a stop-gradient: the language
+    model loss never reaches it (its EMA update is a loss of its own).
+
+    Args:
+      q: [B, H, T, K] queries (content part, XL bias u already added).
+      k_hat: [B, H, T, K] this block's quantized (or, dense, raw) keys.
+      v: [B, H, T, V] this block's values.
+      codebook: [H, S, K].
+      state: the attention state before this block (`initial_attention_state`).
+      agg_cache: attend to the aggcache; without it, a sliding window of M.
+      q_pos, r: optional relative position terms, [B, H, T, K] and [H, M + 1, K].
+
+    Returns:
+      [B, H, T, V] attention output.
+    """
+    xl, agg = state["xlcache"], state["aggcache"]
+    block_len, mem_len = q.shape[2], xl["z"].shape[-1]
+    recent_k = jnp.concatenate([xl["k_hat"], k_hat], axis=2)  # [B, H, W, K]
+    recent_v = jnp.concatenate([xl["v"], v], axis=2)  # [B, H, W, V]
+    keep, near = window_masks(block_len, mem_len, state["pos_offset"], agg_cache)
+    recent = jnp.einsum("bhtk,bhwk->bhtw", q, recent_k)
+    if q_pos is not None:
+        recent = recent + jnp.where(near, relative_scores(q_pos, r, mem_len), 0.0)
+    scores, mask, values = recent, jnp.broadcast_to(keep, recent.shape), recent_v
+    if agg_cache:
+        # Code s stands for its n_s keys: exp(q.c_s + log n_s) = n_s exp(q.c_s).
+        biases = agg_biases(agg["lower"])[:, :, None, :]  # [B, H, 1, S]
+        cache = jnp.einsum("bhtk,hsk->bhts", q, sg(codebook))
+        used = jnp.broadcast_to(jnp.isfinite(biases), cache.shape)
+        cache = cache + jnp.where(used, biases, 0.0)
+        scores = jnp.concatenate([cache, recent], axis=-1)  # [B, H, T, S + W]
+        mask = jnp.concatenate([used, mask], axis=-1)
+        values = jnp.concatenate([agg["upper_div_lower"], recent_v], axis=2)
+    # Any shift gives the same softmax, so no gradient flows through it. Masked
+    # entries go through exp(0) and are then zeroed: no inf meets a gradient.
+    shift = sg(jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True))
+    weights = jnp.where(mask, jnp.exp(jnp.where(mask, scores - shift, 0.0)), 0.0)
+    # Normalize the weights before the product with the values, as the reference
+    # does, so no unnormalized weighted sum is ever formed.
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return jnp.einsum("bhtn,bhnv->bhtv", weights, values)
+
+
+def update_state(state, z, k_hat, v):
+    """Slide the window by one block and fold its T oldest entries into the cache.
+
+    The aggcache keeps counts n_s and running means m_s of values, not raw sums
+    (which grow without bound in float32): with c_s new entries of sum u_s,
+    m_s <- (n_s m_s + u_s) / max(n_s + c_s, 1) and n_s <- n_s + c_s. Empty
+    window slots (code S) count for nothing.
+
+    Args:
+      state: the state before the block.
+      z: [B, H, T] int32 shortcodes; k_hat: [B, H, T, K]; v: [B, H, T, V].
+
+    Returns:
+      the state after the block, same structure and shapes.
+    """
+    xl, agg = state["xlcache"], state["aggcache"]
+    block_len, n_code = z.shape[-1], agg["lower"].shape[-1]
+    recent_z = jnp.concatenate([xl["z"], z], axis=-1)
+    recent_k = jnp.concatenate([xl["k_hat"], k_hat], axis=2)
+    recent_v = jnp.concatenate([xl["v"], v], axis=2)
+    dtype = agg["lower"].dtype
+    delta = jax.nn.one_hot(recent_z[..., :block_len], n_code, dtype=dtype)  # BHTS
+    lower = agg["lower"] + jnp.sum(delta, axis=2)
+    denom = jnp.maximum(lower, 1.0)
+    kept = (agg["lower"] / denom)[..., None] * agg["upper_div_lower"]
+    added = jnp.einsum("bhts,bhtv->bhsv", delta, recent_v[:, :, :block_len])
+    upper_div_lower = kept + added / denom[..., None]
+    return dict(
+        pos_offset=state["pos_offset"] + block_len,
+        xlcache=dict(
+            z=recent_z[..., block_len:],
+            k_hat=recent_k[:, :, block_len:],
+            v=recent_v[:, :, block_len:],
+        ),
+        aggcache=dict(lower=lower, upper_div_lower=upper_div_lower),
+    )
+
+
+def to_blocks(x, block_len):
+    """[B, H, L, ...] -> [R, B, H, T, ...], the block axis first for `scan`."""
+    b, h, length, *rest = x.shape
+    x = x.reshape(b, h, length // block_len, block_len, *rest)
+    return jnp.moveaxis(x, 2, 0)
+
+
+def from_blocks(x):
+    """[R, B, H, T, ...] -> [B, H, R T, ...]."""
+    r, b, h, t, *rest = x.shape
+    return jnp.moveaxis(x, 0, 2).reshape(b, h, r * t, *rest)
+
+
+def blockwise_attention(
+    q,
+    k_hat,
+    z,
+    v,
+    codebook,
+    state,
+    *,
+    block_len,
+    agg_cache=True,
+    grad_thru_cache=True,
+    q_pos=None,
+    r=None,
+):
+    """Attention of a whole call, block after block, carrying the state.
+
+    Args:
+      q, k_hat: [B, H, L, K]; z: [B, H, L] int32 shortcodes of k_hat;
+      v: [B, H, L, V]; codebook: [H, S, K]; state: the state before the call;
+      block_len: T, must divide L; q_pos: [B, H, L, K] or None; r: as in
+      `attend_block`. Without grad_thru_cache the state passed from block to
+      block carries no gradient.
+
+    Returns:
+      ([B, H, L, V] output, state after the call).
+    """
+
+    def step(carry, blk):
+        q_b, k_b, z_b, v_b, qp_b = blk
+        out = attend_block(
+            q_b, k_b, v_b, codebook, carry, agg_cache=agg_cache, q_pos=qp_b, r=r
+        )
+        carry = update_state(carry, z_b, k_b, v_b)
+        if not grad_thru_cache:
+            carry = jax.tree.map(sg, carry)
+        return carry, out
+
+    blocks = [to_blocks(x, block_len) for x in (q, k_hat, z, v)]
+    blocks.append(None if q_pos is None else to_blocks(q_pos, block_len))
+    state, out = jax.lax.scan(step, state, tuple(blocks))
+    return from_blocks(out), state
 
 
 def vq_attention_flops(
-    length: int, n_code: int, block_len: int, d_k: int, d_v: int
+    length: int, n_code: int, block_len: int, d_k: int, d_v: int, mem_len: int = 0
 ) -> int:
     """Matmul FLOPs of `vq_attention` for one batch element and one head.
 
     Counting 2 M N K per [M, K] x [K, N] matmul, each block of T = block_len
-    queries costs 2 T S K for the nearest-code distances, 2 T (S + T) K for the
-    scores against the S codewords and the block's T quantized keys, and
-    2 T (S + T) (V + 1) for the weighted sum of the cache's value sums and
-    counts and of the block's values and ones. The cache update is a
-    scatter-add, not a matmul. With L / T blocks:
-    2 L (S K + (S + T) K + (S + T) (V + 1)).
+    queries costs 2 T S K for the nearest-code distances of its keys,
+    2 T (S + W) K for the scores against the S codewords and the W = M + T
+    window keys, 2 T (S + W) V for the weighted sum of the S running means and
+    the W window values, and 2 T S V for folding T values into the cache's
+    means. With L / T blocks: 2 L (S K + (S + W) (K + V) + S V).
     """
-    s, t = n_code, block_len
-    return 2 * length * (s * d_k + (s + t) * d_k + (s + t) * (d_v + 1))
+    s, w = n_code, mem_len + block_len
+    return 2 * length * (s * d_k + (s + w) * (d_k + d_v) + s * d_v)
 
 
-def _check_inputs(q, k, v, codebook, block_len):
-    """Shapes of the four inputs, or ValueError naming expected and actual ones."""
-    dims = check_shape("q", q, "BHLK")
-    dims = check_shape("k", k, "BHLK", dims)
-    dims = check_shape("v", v, "BHLV", dims)
-    dims = check_shape("codebook", codebook, "HSK", dims)
-    if (
-        not isinstance(block_len, numbers.Integral)
-        or isinstance(block_len, bool)
-        or block_len <= 0
-    ):
-        raise ValueError(f"block_len must be a positive int, got {block_len!r}")
-    if dims["L"] % block_len != 0:
-        raise ValueError(
-            f"block_len={block_len} must divide L={dims['L']} "
-            f"(q, k shape {list(q.shape)}, v shape {list(v.shape)})"
-        )
-    return dims
-
-
-def _to_blocks(x, block_len):
-    """[B, H, L, D] -> [R, B, H, T, D], the block axis first for `scan`."""
-    b, h, length, d = x.shape
-    return jnp.moveaxis(x.reshape(b, h, length // block_len, block_len, d), 2, 0)
-
-
-def _code_stats(codes, vals, n_code):
-    """[B, H, S, D] sums of [B, H, T, D] vals over the positions of each code."""
-    b, h, t, d = vals.shape
-    heads = jnp.arange(b * h, dtype=codes.dtype).reshape(b, h, 1) * n_code
-    stats = jax.ops.segment_sum(
-        vals.reshape(b * h * t, d), (heads + codes).reshape(-1), b * h * n_code
-    )
-    return stats.reshape(b, h, n_code, d)
-
-
-def vq_attention(q, k, v, codebook, *, block_len: int):
+def vq_attention(
+    q, k, v, codebook, *, block_len: int, mem_len: int = 0, agg_cache: bool = True
+):
     """Causal softmax attention of q over the quantized keys, block by block.
 
-    Equal to dense causal attention softmax(q k_hat^T + causal mask) v with
-    k_hat = get_codewords(get_shortcodes(k, codebook)), and no scaling of the
-    scores (scale q first). Each block of block_len queries attends exactly to
-    its own block's k_hat and, for every earlier position, to a cache of S
-    per-code counts and value sums: attending to code s with count n_s and value
-    sum u_s is attending n_s times to c_s, so the cache weight is
-    exp(q.c_s) n_s and its contribution exp(q.c_s) u_s. Codes with count 0 are
-    left out of the max. Gradients flow to q, v and the codebook as in the dense
-    form; none flows to k through the argmin (use a straight-through estimator
-    upstream, as `LearnableVQ` does).
+    Keys are quantized to k_hat = sg(c_z) + k - sg(k): the value of the nearest
+    codeword with the gradient of k (straight-through). The result equals dense
+    causal attention softmax(q k_hat^T + causal mask) v (no scaling of the
+    scores: scale q first), computed with a window of the mem_len previous keys
+    plus the block itself, and a per-code cache of counts and running means for
+    everything older. Keys get their straight-through gradient inside the window;
+    keys in the cache and the codebook get none.
 
     Args:
       q: [B, H, L, K] queries.
@@ -96,50 +319,37 @@ def vq_attention(q, k, v, codebook, *, block_len: int):
       v: [B, H, L, V] values.
       codebook: [H, S, K] codewords of each head.
       block_len: T, positions per block; must divide L.
+      mem_len: M >= 0, earlier positions each block sees exactly.
+      agg_cache: with False, a sliding window of M + 1 positions only.
 
     Returns:
       [B, H, L, V] attention output, in the dtype of q, v and codebook combined.
     """
-    dims = _check_inputs(q, k, v, codebook, block_len)
-    b, h, s, v_dim = dims["B"], dims["H"], dims["S"], dims["V"]
+    dims = check_shape("q", q, "BHLK")
+    dims = check_shape("k", k, "BHLK", dims)
+    dims = check_shape("v", v, "BHLV", dims)
+    dims = check_shape("codebook", codebook, "HSK", dims)
+    check_block_len(block_len, dims["L"], f"q, k shape {list(q.shape)}")
     dtype = jnp.result_type(q, v, codebook)
-    q, v, codebook = (x.astype(dtype) for x in (q, v, codebook))
-    t = block_len
-    causal = jnp.tril(jnp.ones([t, t], bool))
-    codebook_b = jnp.broadcast_to(codebook[None], (b, h, s, dims["K"]))
-    ones = jnp.ones([b, h, t, 1], dtype)
+    q, k, v, codebook = (x.astype(dtype) for x in (q, k, v, codebook))
+    z, _ = get_shortcodes(k, sg(codebook))
+    k_hat = sg(get_codewords(z, codebook)) + st(k)
+    state = initial_attention_state(
+        dims["B"], dims["H"], dims["S"], mem_len, dims["K"], dims["V"], dtype
+    )
+    out, _ = blockwise_attention(
+        q, k_hat, z, v, codebook, state, block_len=block_len, agg_cache=agg_cache
+    )
+    return out
 
-    def step(carry, blk):
-        """One block: attend to the cache and the block, then add it to the cache."""
-        cache, codes = carry  # codes: [B, H, T] shortcodes of this block's keys
-        q_blk, v_blk, r = blk
-        # The next block's codes do not depend on this block: computing them
-        # here lets XLA run them alongside this block's attention. (The last
-        # step computes block 0's again, unused.)
-        k_next = jax.lax.dynamic_index_in_dim(k_blks, (r + 1) % n_blk, keepdims=False)
-        codes_next, _ = get_shortcodes(k_next, codebook)
-        # S codewords weighted by their counts, then the block's T own keys.
-        keys = jnp.concatenate([codebook_b, get_codewords(codes, codebook)], axis=2)
-        v_one = jnp.concatenate([v_blk, ones], axis=-1)  # [B, H, T, V + 1]
-        vals = jnp.concatenate([cache, v_one], axis=2)  # [B, H, S + T, V + 1]
-        used = jnp.broadcast_to((cache[..., -1] > 0)[:, :, None, :], (b, h, t, s))
-        mask = jnp.concatenate([used, jnp.broadcast_to(causal, (b, h, t, t))], -1)
-        scores = jnp.einsum("bhtk,bhnk->bhtn", q_blk, keys)  # [B, H, T, S + T]
-        # Shift by the max over what each query sees (used codes, earlier keys
-        # of the block). Any shift gives the same result: no gradient through it.
-        m = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True)
-        m = jax.lax.stop_gradient(m)
-        # Masked entries go through exp(0) and are then zeroed, so neither the
-        # value nor the gradient meets an inf from a large masked score.
-        probs = jnp.where(mask, jnp.exp(jnp.where(mask, scores - m, 0.0)), 0.0)
-        out = jnp.einsum("bhtn,bhnv->bhtv", probs, vals)
-        cache = cache + _code_stats(codes, v_one, s)
-        return (cache, codes_next), out[..., :-1] / out[..., -1:]
 
-    # Per code: value sums in the first V columns, the count in the last.
-    cache = jnp.zeros([b, h, s, v_dim + 1], dtype)
-    q_blks, k_blks, v_blks = (_to_blocks(x, t) for x in (q, k.astype(dtype), v))
-    n_blk = dims["L"] // t
-    codes, _ = get_shortcodes(k_blks[0], codebook)
-    _, out = jax.lax.scan(step, (cache, codes), (q_blks, v_blks, jnp.arange(n_blk)))
-    return jnp.moveaxis(out, 0, 2).reshape(b, h, dims["L"], v_dim)
+def check_block_len(block_len, length, what="inputs") -> None:
+    """ValueError unless block_len is a positive int dividing length."""
+    if (
+        not isinstance(block_len, numbers.Integral)
+        or isinstance(block_len, bool)
+        or block_len <= 0
+    ):
+        raise ValueError(f"block_len must be a positive int, got {block_len!r}")
+    if length % block_len != 0:
+        raise ValueError(f"block_len={block_len} must divide L={length} ({what})")

@@ -32,10 +32,11 @@ class TransformerConfig:
     """Hyperparameters of a Transformer-VQ model.
 
     Field names follow the reference implementation so each one can be looked up
-    in the paper's code. tvq's quantizer reads `param_dtype`, `dtype`, `d_k`,
-    `n_head`, `n_code`, `c_gamma`, `is_train` and `w_init`; the other fields
-    are carried for compatibility and default to None. Every field is static
-    pytree metadata, so a config passes through `jit` without being traced.
+    in the paper's code (`attention`, "vq" or "dense", is tvq's own: the dense
+    baseline). Fields a module needs and finds None raise a ValueError naming
+    them; the training fields (`grad_clip` .. `n_max_step`) are read by
+    `tvq.train`. Every field is static pytree metadata, so a config passes
+    through `jit` without being traced.
 
     Build instances with `TransformerConfig.create(**kwargs)`, which drops unknown
     keys, parses dtype names and 0/1 flags, and sets the initializers.
@@ -71,6 +72,14 @@ class TransformerConfig:
     e_preln: bool | None = static(None)
     e_scale: Any = static(None)
     is_train: bool | None = static(None)
+    attention: str = static("vq")
+    grad_clip: float | None = static(None)
+    optimizer: str | None = static(None)
+    lr_max: float | None = static(None)
+    lr_schedule: str | None = static(None)
+    wd_lam: float | None = static(None)
+    n_warmup_step: int | None = static(None)
+    n_max_step: int | None = static(None)
     no_emb: bool = static(False)
     e_init: Initializer | None = static(None)
     w_init: Initializer | None = static(None)

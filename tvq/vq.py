@@ -128,10 +128,12 @@ class LearnableVQ(nn.Module):
         )
 
     def get_codebook(self) -> jax.Array:
-        """[H, S, K] codebook c_sum / c_count, with no gradient to the parameters."""
-        return sg(codebook_from_stats(self.c_sum, self.c_count)).astype(
-            self.config.dtype
-        )
+        """[H, S, K] codebook c_sum / c_count, with no gradient to the parameters.
+
+        Kept in param_dtype (float32) also when config.dtype is bfloat16: nearest
+        codewords and the cache need the precision.
+        """
+        return sg(codebook_from_stats(self.c_sum, self.c_count))
 
     @staticmethod
     def get_codebook_ema_targets(
