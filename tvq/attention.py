@@ -190,6 +190,22 @@ def attend_block(q, k_hat, v, codebook, state, *, agg_cache=True, q_pos=None, r=
     return jnp.einsum("bhtn,bhnv->bhtv", weights, values)
 
 
+def code_stats(z, v, n_code):
+    """Per-code counts [B, H, S] and value sums [B, H, S, V] of [B, H, T] codes z.
+
+    A scatter-add (O(T V) work, not the O(T S V) of a one-hot matmul); codes
+    outside 0..S-1 (the empty-slot code S) count for nothing.
+    """
+    b, h, t, d = v.shape
+    # One segment per (batch, head, code), plus a spare one for code S.
+    seg = jnp.arange(b * h, dtype=z.dtype).reshape(b, h, 1) * (n_code + 1) + z
+    n_seg = b * h * (n_code + 1)
+    sums = jax.ops.segment_sum(v.reshape(b * h * t, d), seg.reshape(-1), n_seg)
+    counts = jax.ops.segment_sum(jnp.ones([b * h * t], v.dtype), seg.reshape(-1), n_seg)
+    sums = sums.reshape(b, h, n_code + 1, d)[:, :, :n_code]
+    return counts.reshape(b, h, n_code + 1)[:, :, :n_code], sums
+
+
 def update_state(state, z, k_hat, v):
     """Slide the window by one block and fold its T oldest entries into the cache.
 
@@ -210,13 +226,13 @@ def update_state(state, z, k_hat, v):
     recent_z = jnp.concatenate([xl["z"], z], axis=-1)
     recent_k = jnp.concatenate([xl["k_hat"], k_hat], axis=2)
     recent_v = jnp.concatenate([xl["v"], v], axis=2)
-    dtype = agg["lower"].dtype
-    delta = jax.nn.one_hot(recent_z[..., :block_len], n_code, dtype=dtype)  # BHTS
-    lower = agg["lower"] + jnp.sum(delta, axis=2)
+    counts, sums = code_stats(
+        recent_z[..., :block_len], recent_v[:, :, :block_len], n_code
+    )
+    lower = agg["lower"] + counts
     denom = jnp.maximum(lower, 1.0)
     kept = (agg["lower"] / denom)[..., None] * agg["upper_div_lower"]
-    added = jnp.einsum("bhts,bhtv->bhsv", delta, recent_v[:, :, :block_len])
-    upper_div_lower = kept + added / denom[..., None]
+    upper_div_lower = kept + sums / denom[..., None]
     return dict(
         pos_offset=state["pos_offset"] + block_len,
         xlcache=dict(
