@@ -124,22 +124,29 @@ def window_masks(block_len, mem_len, pos_offset, agg_cache):
     return keep, near
 
 
-def relative_scores(q_pos, r, mem_len):
-    """[B, H, T, W] (q + v).r_d for window column j at distance d = M + i - j.
+def skew(by_distance: jax.Array) -> jax.Array:
+    """[..., T, M + 1] values by distance -> [..., T, M + T] by window column.
+
+    Row i of the result holds by_distance[i, d] at column j = M + i - d, for
+    d = 0..M, and zeros elsewhere: query i sits at column M + i, its keys to
+    the left. Pure padding and reshaping (the Transformer-XL "relative shift"),
+    so its gradient is one too: no gather, no scatter.
+    """
+    *lead, t, m1 = by_distance.shape
+    # Reversed, column c holds distance M - c; padding each row with T zeros and
+    # reading the flat array T + M columns at a time shifts row i right by i.
+    rows = jnp.pad(jnp.flip(by_distance, -1), [(0, 0)] * len(lead) + [(0, 0), (0, t)])
+    flat = rows.reshape(*lead, t * (m1 + t))[..., : t * (m1 + t - 1)]
+    return flat.reshape(*lead, t, m1 + t - 1)
+
+
+def relative_scores(q_pos, r):
+    """[B, H, T, M + T] (q + v).r_d for window column j at distance d = M + i - j.
 
     q_pos: [B, H, T, K] queries plus the XL bias v; r: [H, M + 1, K] projected
     sinusoids of distances 0..M. Entries at distances outside 0..M are 0.
     """
-    block_len = q_pos.shape[2]
-    by_distance = jnp.einsum("bhtk,hdk->bhtd", q_pos, r)  # [B, H, T, M + 1]
-    i = jnp.arange(block_len)[:, None]
-    j = jnp.arange(mem_len + block_len)[None, :]
-    dist = mem_len + i - j
-    valid = (dist >= 0) & (dist <= mem_len)
-    index = jnp.broadcast_to(
-        jnp.clip(dist, 0, mem_len), (*q_pos.shape[:2], *dist.shape)
-    )
-    return jnp.where(valid, jnp.take_along_axis(by_distance, index, axis=-1), 0.0)
+    return skew(jnp.einsum("bhtk,hdk->bhtd", q_pos, r))
 
 
 def attend_block(q, k_hat, v, codebook, state, *, agg_cache=True, q_pos=None, r=None):
@@ -166,10 +173,10 @@ def attend_block(q, k_hat, v, codebook, state, *, agg_cache=True, q_pos=None, r=
     block_len, mem_len = q.shape[2], xl["z"].shape[-1]
     recent_k = jnp.concatenate([xl["k_hat"], k_hat], axis=2)  # [B, H, W, K]
     recent_v = jnp.concatenate([xl["v"], v], axis=2)  # [B, H, W, V]
-    keep, near = window_masks(block_len, mem_len, state["pos_offset"], agg_cache)
+    keep, _ = window_masks(block_len, mem_len, state["pos_offset"], agg_cache)
     recent = jnp.einsum("bhtk,bhwk->bhtw", q, recent_k)
     if q_pos is not None:
-        recent = recent + jnp.where(near, relative_scores(q_pos, r, mem_len), 0.0)
+        recent = recent + relative_scores(q_pos, r)
     scores, mask, values = recent, jnp.broadcast_to(keep, recent.shape), recent_v
     if agg_cache:
         # Code s stands for its n_s keys: exp(q.c_s + log n_s) = n_s exp(q.c_s).

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from tvq.attention import (
     blockwise_attention,
     initial_attention_state,
+    relative_scores,
     sinusoids,
 )
 from tvq.config import TransformerConfig
@@ -115,7 +116,8 @@ def dense_attention(q, k, v, state, *, mem_len, q_pos, r):
         q_at, k_at = jnp.arange(present), jnp.arange(present)
         new_state = dict(state, pos_offset=offset + present)
     else:
-        start = (0, 0, offset, 0)
+        zero = jnp.zeros_like(offset)  # all indices of one dtype, also with x64
+        start = (zero, zero, offset, zero)
         keys = jax.lax.dynamic_update_slice(
             state["k"], k.astype(state["k"].dtype), start
         )
@@ -124,21 +126,25 @@ def dense_attention(q, k, v, state, *, mem_len, q_pos, r):
         )
         q_at, k_at = offset + jnp.arange(present), jnp.arange(keys.shape[2])
         new_state = dict(pos_offset=offset + present, k=keys, v=vals)
-    dist = q_at[:, None] - k_at[None, :]  # [P, N]
-    near = (dist >= 0) & (dist <= mem_len)
-    by_distance = jnp.einsum("bhpk,hdk->bhpd", q_pos, r)
-    rel = jnp.take_along_axis(
-        by_distance,
-        jnp.broadcast_to(jnp.clip(dist, 0, mem_len), (*q.shape[:2], *dist.shape)),
-        axis=-1,
-    )
-    scores = jnp.einsum("bhpk,bhnk->bhpn", q, keys) + jnp.where(near, rel, 0.0)
-    scores = jnp.where(dist >= 0, scores, -jnp.inf)
+    # Relative terms in window columns: keys at positions offset - M .. offset
+    # + P - 1; placed at their positions in the buffer when there is one.
+    rel = relative_scores(q_pos, r)  # [B, H, P, M + P]
+    if state["k"].shape[2] > 0:
+        zero = jnp.zeros_like(offset)
+        wide = jnp.zeros([*rel.shape[:3], mem_len + keys.shape[2]], rel.dtype)
+        rel = jax.lax.dynamic_update_slice(wide, rel, (zero, zero, zero, offset))
+    scores = jnp.einsum("bhpk,bhnk->bhpn", q, keys) + rel[..., mem_len:]
+    causal = q_at[:, None] >= k_at[None, :]  # [P, N]
+    scores = jnp.where(causal, scores, -jnp.inf)
     return jax.nn.softmax(scores, axis=-1) @ vals, new_state
 
 
 class LayerNorm(nn.Module):
-    """RMS norm over the last axis with optional gain g and bias b, in float32."""
+    """RMS norm over the last axis with optional gain g and bias b.
+
+    Computed in float32 at least (float64 inputs stay float64), returned in the
+    dtype of x.
+    """
 
     gain: bool = True
     bias: bool = True
@@ -148,7 +154,7 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
-        y = x.astype(jnp.float32)
+        y = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         y = y * jax.lax.rsqrt(self.eps + jnp.mean(jnp.square(y), -1, keepdims=True))
         if self.gain:
             y = y * self.param("g", nn.initializers.ones, [width], self.param_dtype)
