@@ -217,7 +217,8 @@ def update_state(state, z, k_hat, v):
     """Slide the window by one block and fold its T oldest entries into the cache.
 
     The aggcache keeps counts n_s and running means m_s of values, not raw sums
-    (which grow without bound in float32): with c_s new entries of sum u_s,
+    (which grow without bound, and stall in low precision such as bfloat16):
+    with c_s new entries of sum u_s,
     m_s <- (n_s m_s + u_s) / max(n_s + c_s, 1) and n_s <- n_s + c_s. Empty
     window slots (code S) count for nothing.
 
