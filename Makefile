@@ -22,6 +22,8 @@ install: $(STAMP)
 
 test: install lint unit notebooks book browser
 
+# Ruff reads book/ruff.toml for the chapters: 72 columns, so that no line of a
+# notebook scrolls sideways in the built book (tests/test_browser.py checks it).
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

@@ -4,8 +4,10 @@ The site in _build/html (run `make book` first) is served on 127.0.0.1 and every
 other host is unreachable, so a page that still needs a CDN shows up as a failed
 or foreign request. For each page listed in _toc.yml: math is typeset by the
 local MathJax, every image decodes, nothing is fetched from another origin,
-nothing fails to load, the console has no errors, and a full-page screenshot is
-saved to _build/screenshots/<page>.png for a person to look at.
+nothing fails to load, the console has no errors, no code block (input or
+output, folded ones unfolded) scrolls sideways at a 1280 px wide window, and a
+full-page screenshot is saved to _build/screenshots/<page>.png for a person to
+look at.
 
 TVQ_BOOK_ROOT (default: the repository), TVQ_TOC (default: <book root>/_toc.yml)
 and TVQ_HTML_DIR (default: <book root>/_build/html) point the test at another
@@ -198,6 +200,23 @@ return {
 """
 
 
+# Unfold every folded cell (myst-nb's hide-input and hide-output are <details>
+# elements), then list each code block, input or output, whose content is
+# wider than its box: a reader would have to scroll it sideways.
+OVERFLOWING_CODE = """
+document.querySelectorAll("details").forEach(d => { d.open = true; });
+return Array.from(document.querySelectorAll("pre")).filter(
+  pre => pre.getClientRects().length && pre.scrollWidth > pre.clientWidth + 1
+).map(pre => ({
+  scrollWidth: pre.scrollWidth,
+  clientWidth: pre.clientWidth,
+  output: Boolean(pre.closest(".cell_output, .output")),
+  longestLine: pre.textContent.split("\\n").reduce(
+    (a, b) => (b.length > a.length ? b : a), "").slice(0, 120),
+}));
+"""
+
+
 def save_full_page_screenshot(browser, height, path):
     """Lay the page out in a viewport as tall as its content, then capture it."""
     height = min(max(height, 1), MAX_SHOT_HEIGHT)
@@ -314,6 +333,14 @@ def test_page_renders_offline(driver, base_url, page, suffix):
         assert facts["untypeset"] == 0, f"{page}: {facts['untypeset']} untypeset"
         assert facts["containers"] >= facts["math"]
         assert facts["mathErrors"] == 0, f"{page}: {facts['mathErrors']} TeX errors"
+
+    # No code block scrolls sideways, folded cells included (measured after the
+    # facts above, as it unfolds them).
+    overflowing = driver.execute_script(OVERFLOWING_CODE)
+    assert not overflowing, (
+        f"{page}: code blocks wider than the page at 1280 px (keep notebook "
+        f"code within book/ruff.toml's line length): {overflowing}"
+    )
 
     if suffix == ".ipynb":
         assert facts["outputImages"] > 0, f"{page}: no figure in the cell outputs"

@@ -316,12 +316,12 @@ def vq_attention_flops(
     Counting 2 M N K per [M, K] x [K, N] matmul, each block of T = block_len
     queries costs 2 T S K for the nearest-code distances of its keys,
     2 T (S + W) K for the scores against the S codewords and the W = M + T
-    window keys, 2 T (S + W) V for the weighted sum of the S running means and
-    the W window values, and 2 T S V for folding T values into the cache's
-    means. With L / T blocks: 2 L (S K + (S + W) (K + V) + S V).
+    window keys, and 2 T (S + W) V for the weighted sum of the S running means
+    and the W window values. Folding a block into the cache is a scatter-add,
+    not a matmul. With L / T blocks: 2 L (S K + (S + W) (K + V)).
     """
     s, w = n_code, mem_len + block_len
-    return 2 * length * (s * d_k + (s + w) * (d_k + d_v) + s * d_v)
+    return 2 * length * (s * d_k + (s + w) * (d_k + d_v))
 
 
 def vq_attention(
