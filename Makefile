@@ -44,6 +44,8 @@ browser: install
 
 bench: install
 	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/model.py
+	$(PY) benchmarks/decode.py
 
 lab: install
 	$(PY) -m pip install --quiet -c $(LOCK) -e ".[lab]"
