@@ -178,7 +178,10 @@ def check_call(config, inputs, state, vq_spec):
     check_state(state, expected)
     if vq_spec is None:
         if config.is_train and config.attention == "vq":
-            raise ValueError("vq_spec is needed when config.is_train is true")
+            raise ValueError(
+                "vq_spec is needed when config.is_train is true: a VQSpec with "
+                f"loss_mask [B={dims['B']}, P={dims['P']}], got None"
+            )
         ones = jnp.ones([1], jnp.int32)
         vq_spec = VQSpec(ones, ones, jnp.ones([dims["B"], dims["P"]], jnp.int32))
     check_shape("vq_spec.loss_mask", vq_spec.loss_mask, "BP", dims)
