@@ -1,4 +1,4 @@
-"""Sampling from a Transformer-VQ.
+"""Sampling from a Transformer-VQ: nucleus sampling and generation.
 
 Nucleus (top-p) sampling, Holtzman et al., "The Curious Case of Neural Text
 Degeneration" (2020): draw the next token only from the nucleus, the smallest
@@ -11,16 +11,37 @@ in it when the tokens ranked before it hold less than p. The first-ranked token,
 `argmax` of the probabilities, is always in it; as p -> 0 sampling becomes
 greedy, and p = 1 keeps every token of nonzero probability.
 
-Axes: V vocabulary; `...` any leading axes (batch, heads, positions).
+Generation. Autoregressive generation with the attention state as the only cache.
+
+A prompt goes through the model in blocks of `config.block_len` (the same
+block-wise forward as training), the tokens left over when the prompt length
+is not a multiple of it one at a time, and every new token through a step of
+one position: the same parameters under `config.replace(block_len=1)`, with
+the state carried from call to call.
+
+For attention="vq" that state is the window of the last M keys and values and
+the per-code cache of counts and mean values: S (V + 1) + M (K + V + 1) numbers
+per head and GAU, whatever the position, so every token costs the same. For
+attention="dense" it is a key/value buffer as long as the whole sequence, the
+KV cache of an ordinary transformer, and a token costs time in proportion to it.
+
+Axes: B batch, P prompt length, V or N vocabulary size (N in generation),
+G generated tokens; `...` any leading axes.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvq.shapes import check_scalar
+from tvq.config import TransformerConfig
+from tvq.model import Transformer, dense_len
+from tvq.shapes import check_integer, check_scalar, check_shape
 
 
 def _check_p(p) -> None:
@@ -76,3 +97,211 @@ def sample_nucleus(rng, logprobs, p):
     """
     nucleus = nucleus_logprobs(logprobs, p)
     return jax.random.categorical(rng, nucleus, axis=-1).astype(jnp.int32)
+
+
+def decode_config(config: TransformerConfig) -> TransformerConfig:
+    """The config of one decoding step: same model, one position per call."""
+    return config.replace(block_len=1, is_train=False)
+
+
+def state_nbytes(
+    config: TransformerConfig, batch_size: int, max_len: int | None = None
+) -> int:
+    """Bytes of the decode state `Transformer.initial_state(config, B, max_len)`.
+
+    Every call returns a state of the same shapes and dtypes as it was given, so
+    this is also the size at every later position. max_len sizes the key/value
+    buffer of attention="dense" and is ignored for "vq".
+    """
+    shapes = jax.eval_shape(
+        lambda: Transformer.initial_state(config, batch_size, max_len)
+    )
+    return sum(
+        math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+        for leaf in jax.tree.leaves(shapes)
+    )
+
+
+def check_tokens(config: TransformerConfig, tokens, name: str = "prompt") -> dict:
+    """ValueError unless tokens is [B, P], P >= 1, of ints in [0, n_vocab)."""
+    dims = check_shape(name, tokens, "BP")
+    check_integer(name, tokens)
+    if dims["P"] < 1:
+        raise ValueError(f"{name} must hold at least one token, got shape [B, 0]")
+    if not isinstance(tokens, jax.core.Tracer):
+        values = np.asarray(tokens)
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= config.n_vocab:
+            raise ValueError(
+                f"{name} tokens must lie in [0, n_vocab={config.n_vocab}), "
+                f"got values in [{low}, {high}]"
+            )
+    return dims
+
+
+def resolve_p(config: TransformerConfig, p_nucleus) -> float:
+    """The nucleus mass to sample with: p_nucleus, else config.p_nucleus."""
+    p = config.p_nucleus if p_nucleus is None else p_nucleus
+    if p is None:
+        raise ValueError("p_nucleus is needed: pass it or set config.p_nucleus")
+    if not isinstance(p, numbers.Real) or not 0.0 < float(p) <= 1.0:
+        raise ValueError(f"p_nucleus must lie in (0, 1], got {p!r}")
+    return float(p)
+
+
+def check_batch(dims: dict, state, name: str = "prompt") -> None:
+    """ValueError unless the state was made for the batch size of the tokens."""
+    b_state = int(np.shape(jax.tree.leaves(state)[-1])[0])
+    if b_state != dims["B"]:
+        raise ValueError(
+            f"{name} has batch size B={dims['B']} but the state was made for "
+            f"B={b_state}"
+        )
+
+
+def check_room(config: TransformerConfig, state, n_new: int) -> None:
+    """ValueError unless a dense key/value buffer has room for n_new positions."""
+    if config.attention != "dense":
+        return
+    n = dense_len(state)
+    if not n:
+        raise ValueError(
+            "dense decoding needs a key/value buffer: a state from "
+            "Transformer.initial_state(config, B, max_len) with max_len > 0, "
+            "got one with N=0"
+        )
+    offset = state[0][0]["pos_offset"]
+    if isinstance(offset, jax.core.Tracer):
+        return  # its value is unknown until the traced function runs
+    if int(offset) + n_new > n:
+        raise ValueError(
+            f"the dense key/value buffer holds N={n} positions, but "
+            f"pos_offset={int(offset)} + {n_new} new tokens need {int(offset) + n_new}"
+        )
+
+
+def prefill(config: TransformerConfig, params, tokens, state):
+    """Feed tokens after the state: whole blocks block-wise, the rest one by one.
+
+    Args:
+      config: the model config (its block_len is the block of the forward).
+      params: the model's parameters (the "params" collection).
+      tokens: [B, P] int tokens, P >= 1.
+      state: the state before them (`Transformer.initial_state`); a dense
+        buffer must have room for pos_offset + P positions.
+
+    Returns:
+      (logprobs [B, N] of the token after the last one, state after them).
+    """
+    dims = check_tokens(config, tokens, "tokens")
+    check_batch(dims, state, "tokens")
+    check_room(config, state, dims["P"])
+    return _prefill(config.replace(is_train=False), params, jnp.asarray(tokens), state)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _prefill(config, params, tokens, state):
+    b, p = tokens.shape
+    t = config.block_len
+    head = p // t * t
+    variables = {"params": params}
+    if head:
+        model = Transformer(config)
+        blocks = jnp.moveaxis(tokens[:, :head].reshape(b, head // t, t), 1, 0)
+
+        def feed_block(state, block):  # block [B, T]
+            out = model.apply(variables, block, state)
+            return out["attn_state"], out["logprobs"][:, -1]
+
+        state, last = jax.lax.scan(feed_block, state, blocks)
+    if p > head:
+        step = Transformer(decode_config(config))
+
+        def feed_token(state, token):  # token [B]
+            out = step.apply(variables, token[:, None], state)
+            return out["attn_state"], out["logprobs"][:, 0]
+
+        state, last = jax.lax.scan(feed_token, state, tokens[:, head:].T)
+    return last[-1], state
+
+
+def decode(config: TransformerConfig, params, logprobs, state, *, n_steps, rng, p):
+    """Sample n_steps tokens, one position per model call.
+
+    Args:
+      config: the model config; steps run under `decode_config(config)`.
+      params: the model's parameters.
+      logprobs: [B, N] distribution of the first token to sample.
+      state: the state after everything before that token.
+      n_steps: G >= 0, tokens to sample.
+      rng: PRNG key; step i draws with `fold_in(rng, i)`.
+      p: nucleus mass in (0, 1]; tiny p samples the argmax (greedy).
+
+    Returns:
+      (tokens [B, G] int32, logprobs [B, N] of the token after them, state).
+    """
+    dims = check_shape("logprobs", logprobs, "BN", {"N": config.n_vocab})
+    check_batch(dims, state, "logprobs")
+    if not isinstance(n_steps, numbers.Integral) or n_steps < 0:
+        raise ValueError(
+            f"n_steps (max_new_tokens) must be an int >= 0, got {n_steps!r}"
+        )
+    check_room(config, state, n_steps)
+    p = resolve_p(config, p)
+    return _decode(decode_config(config), params, logprobs, state, rng, p, n_steps)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "n_steps"))
+def _decode(config, params, logprobs, state, rng, p, n_steps):
+    step = Transformer(config)
+    variables = {"params": params}
+
+    def sample_and_feed(carry, i):
+        logprobs, state = carry
+        nucleus = nucleus_logprobs(logprobs, p)
+        token = jax.random.categorical(jax.random.fold_in(rng, i), nucleus, axis=-1)
+        token = token.astype(jnp.int32)
+        out = step.apply(variables, token[:, None], state)
+        return (out["logprobs"][:, 0], out["attn_state"]), token
+
+    (logprobs, state), tokens = jax.lax.scan(
+        sample_and_feed, (logprobs, state), jnp.arange(n_steps)
+    )
+    return tokens.T.reshape(logprobs.shape[0], n_steps), logprobs, state
+
+
+def generate(
+    config: TransformerConfig,
+    params,
+    prompt,
+    *,
+    max_new_tokens: int,
+    rng,
+    p_nucleus: float | None = None,
+):
+    """Continue each prompt by max_new_tokens sampled tokens.
+
+    Args:
+      config: the model config; attention="dense" decodes with a key/value
+        buffer of P + max_new_tokens positions.
+      params: the model's parameters (the "params" collection).
+      prompt: [B, P] int tokens in [0, n_vocab), P >= 1.
+      max_new_tokens: G >= 0.
+      rng: PRNG key.
+      p_nucleus: nucleus mass in (0, 1], default config.p_nucleus; tiny p
+        (say 1e-6) is greedy decoding.
+
+    Returns:
+      [B, P + G] int32: the prompt followed by the sampled tokens.
+    """
+    dims = check_tokens(config, prompt)
+    if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    p = resolve_p(config, p_nucleus)
+    max_len = dims["P"] + max_new_tokens if config.attention == "dense" else None
+    state = Transformer.initial_state(config, dims["B"], max_len)
+    logprobs, state = prefill(config, params, prompt, state)
+    tokens, _, _ = decode(
+        config, params, logprobs, state, n_steps=max_new_tokens, rng=rng, p=p
+    )
+    return jnp.concatenate([jnp.asarray(prompt, jnp.int32), tokens], axis=1)
