@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from tvq.shapes import check_shape
 from tvq.vq import get_codewords, get_shortcodes, sg, st
 
+MASK = 1e30  # a masked score is -MASK: exp gives exactly 0, and no inf arises
+
 
 def initial_attention_state(
     batch_size: int,
@@ -174,27 +176,32 @@ def attend_block(q, k_hat, v, codebook, state, *, agg_cache=True, q_pos=None, r=
     recent_k = jnp.concatenate([xl["k_hat"], k_hat], axis=2)  # [B, H, W, K]
     recent_v = jnp.concatenate([xl["v"], v], axis=2)  # [B, H, W, V]
     keep, _ = window_masks(block_len, mem_len, state["pos_offset"], agg_cache)
-    recent = jnp.einsum("bhtk,bhwk->bhtw", q, recent_k)
+    # Masked entries get a large negative score (not -inf, so no inf meets a
+    # gradient): exp makes them exactly 0. A query always sees itself.
+    bias = jnp.where(keep, 0.0, -MASK)  # [T, W]
     if q_pos is not None:
-        recent = recent + relative_scores(q_pos, r)
-    scores, mask, values = recent, jnp.broadcast_to(keep, recent.shape), recent_v
+        bias = bias + relative_scores(q_pos, r)  # [B, H, T, W]
+    keys, values = recent_k, recent_v
     if agg_cache:
         # Code s stands for its n_s keys: exp(q.c_s + log n_s) = n_s exp(q.c_s).
-        biases = agg_biases(agg["lower"])[:, :, None, :]  # [B, H, 1, S]
-        cache = jnp.einsum("bhtk,hsk->bhts", q, sg(codebook))
-        used = jnp.broadcast_to(jnp.isfinite(biases), cache.shape)
-        cache = cache + jnp.where(used, biases, 0.0)
-        scores = jnp.concatenate([cache, recent], axis=-1)  # [B, H, T, S + W]
-        mask = jnp.concatenate([used, mask], axis=-1)
+        log_n = jnp.where(agg["lower"] > 0, agg_biases(agg["lower"]), -MASK)
+        bias = jnp.concatenate(
+            [
+                jnp.broadcast_to(log_n[:, :, None, :], (*q.shape[:3], log_n.shape[-1])),
+                jnp.broadcast_to(bias, (*q.shape[:3], bias.shape[-1])),
+            ],
+            axis=-1,
+        )  # [B, H, T, S + W]
+        codewords = jnp.broadcast_to(sg(codebook), (q.shape[0], *codebook.shape))
+        keys = jnp.concatenate([codewords, recent_k], axis=2)
         values = jnp.concatenate([agg["upper_div_lower"], recent_v], axis=2)
-    # Any shift gives the same softmax, so no gradient flows through it. Masked
-    # entries go through exp(0) and are then zeroed: no inf meets a gradient.
-    shift = sg(jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True))
-    weights = jnp.where(mask, jnp.exp(jnp.where(mask, scores - shift, 0.0)), 0.0)
-    # Normalize the weights before the product with the values, as the reference
-    # does, so no unnormalized weighted sum is ever formed.
-    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return jnp.einsum("bhtn,bhnv->bhtv", weights, values)
+    scores = jnp.einsum("bhtk,bhnk->bhtn", q, keys) + bias
+    # Any shift gives the same softmax, so no gradient flows through it.
+    weights = jnp.exp(scores - sg(jnp.max(scores, axis=-1, keepdims=True)))
+    # A column of ones gives the normalizer from the same product as the output.
+    ones = jnp.ones([*values.shape[:3], 1], values.dtype)
+    out = jnp.einsum("bhtn,bhnv->bhtv", weights, jnp.concatenate([values, ones], -1))
+    return out[..., :-1] / out[..., -1:]
 
 
 def code_stats(z, v, n_code):
@@ -356,7 +363,13 @@ def vq_attention(
     check_block_len(block_len, dims["L"], f"q, k shape {list(q.shape)}")
     dtype = jnp.result_type(q, v, codebook)
     q, k, v, codebook = (x.astype(dtype) for x in (q, k, v, codebook))
-    z, _ = get_shortcodes(k, sg(codebook))
+    # Nearest codes block by block: one block's [S, T] distances stay in cache,
+    # where all L at once would stream S L of them through memory.
+    z = from_blocks(
+        jax.lax.map(
+            lambda kb: get_shortcodes(kb, sg(codebook))[0], to_blocks(k, block_len)
+        )
+    )
     k_hat = sg(get_codewords(z, codebook)) + st(k)
     state = initial_attention_state(
         dims["B"], dims["H"], dims["S"], mem_len, dims["K"], dims["V"], dtype
