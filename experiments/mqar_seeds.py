@@ -1,13 +1,16 @@
 """Dense attention and Transformer-VQ on MQAR over several seeds, and a short window.
 
-Three settings, each trained from --seeds (experiments/mqar.py):
+Five settings, each trained from --seeds (experiments/mqar.py):
   dense: exact attention;
   vq: the chapter's Transformer-VQ (T = M = 8, so every key is in the window);
   vq_short: the same with T = M = 4, so most keys are read only through the
-    aggregated cache and get no gradient from the queries that read them.
+    aggregated cache and get no gradient from the queries that read them;
+  dense_tied, vq_tied: dense and vq with the output head of the first runs,
+    the embeddings tied and read through a final LayerNorm (e_tie=True,
+    e_preln=True): the head that stalled them.
 Writes two CSVs: --out, one row per run (final held-out accuracy, loss,
 codebook health, seconds), and --curves, the training accuracy and loss
-averaged over every 50 steps.
+averaged over every 25 steps.
 
     python experiments/mqar_seeds.py
 """
@@ -25,14 +28,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import mqar  # noqa: E402
 
+# The head of the first runs: tied embeddings read through a final LN.
+TIED = dict(e_tie=True, e_preln=True, e_scale=1.0)
 SETTINGS = {
     "dense": dict(attention="dense"),
     "vq": dict(),
     "vq_short": dict(block_len=4, mem_len=4),
+    "dense_tied": dict(attention="dense", **TIED),
+    "vq_tied": dict(TIED),
 }
 FIELDS = ["setting", "seed", "accuracy", "loss", "codes_used", "c_entropy",
           "relative_err_mean", "seconds"]  # fmt: skip
-EVERY = 50
+EVERY = 25
 
 
 def one(setting: str, seed: int, n_step: int):
