@@ -49,6 +49,7 @@ os.environ["XLA_FLAGS"] = " ".join(
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from model import make_config  # noqa: E402  (benchmarks/model.py)
 
 import tvq  # noqa: E402
 from tvq.sample import decode, prefill, state_nbytes  # noqa: E402
@@ -86,33 +87,10 @@ def parse_args(argv=None):
 
 
 def model_config(attention: str) -> tvq.TransformerConfig:
-    """The benchmark's one-layer model, vq or dense."""
-    return tvq.TransformerConfig.create(
-        n_vocab=256,
-        d_model=256,
-        d_k=128,
-        d_v=512,
-        n_head=1,
-        n_code=512,
-        n_layer=1,
-        block_len=512,
-        mem_len=512,
-        agg_cache=True,
-        grad_thru_cache=True,
-        pe_abs=False,
-        pe_lam=10_000,
-        c_beta=1e-4,
-        c_gamma=0.99,
-        e_tie=True,
-        e_preln=True,
-        e_scale=1.0,
-        p_dropemb=0.0,
-        p_dropsin=0.0,
-        p_dropres=0.0,
-        p_droplyr=0.0,
-        p_nucleus=1.0,
-        is_train=False,
-        attention=attention,
+    """The model benchmark's one-layer model (benchmarks/model.py), for decoding."""
+    # sequence_len is left unset: every dense state here is sized explicitly.
+    return make_config(attention, length=512).replace(
+        sequence_len=None, p_nucleus=1.0, is_train=False
     )
 
 
