@@ -106,8 +106,8 @@ def sinusoids(length: int, width: int, lam: float, start=0) -> jax.Array:
 
 
 def agg_biases(lower: jax.Array) -> jax.Array:
-    """log n_s for each code's count n_s, and -inf where n_s = 0 (code unused)."""
-    return jnp.where(lower > 0, jnp.log(jnp.maximum(lower, 1.0)), -jnp.inf)
+    """log n_s for each code's count n_s, and -1e30 (masked) where n_s = 0."""
+    return jnp.where(lower > 0, jnp.log(jnp.maximum(lower, 1.0)), -MASK)
 
 
 def window_masks(block_len, mem_len, pos_offset, agg_cache):
@@ -184,7 +184,7 @@ def attend_block(q, k_hat, v, codebook, state, *, agg_cache=True, q_pos=None, r=
     keys, values = recent_k, recent_v
     if agg_cache:
         # Code s stands for its n_s keys: exp(q.c_s + log n_s) = n_s exp(q.c_s).
-        log_n = jnp.where(agg["lower"] > 0, agg_biases(agg["lower"]), -MASK)
+        log_n = agg_biases(agg["lower"])
         bias = jnp.concatenate(
             [
                 jnp.broadcast_to(log_n[:, :, None, :], (*q.shape[:3], log_n.shape[-1])),
