@@ -39,13 +39,9 @@ import platform
 import time
 from pathlib import Path
 
-FORCE_DEVICES = "--xla_force_host_platform_device_count"
-os.environ["XLA_FLAGS"] = " ".join(
-    flag
-    for flag in os.environ.get("XLA_FLAGS", "").split()
-    if not flag.startswith(FORCE_DEVICES)
-)
+import one_device  # noqa: F401  (drops forced devices before JAX starts)
 
+# isort: split
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
