@@ -375,3 +375,166 @@ def test_section_links_in_chapters_exist():
             if not target.is_file() or anchor not in anchors(target):
                 broken.append(f"{path.name} -> {page}#{anchor}")
     assert not broken, f"links to missing sections: {broken}"
+
+
+# Constant checks: an assert (or np.testing.assert_*) whose two sides are
+# literals, arithmetic on literals, or names bound once to such expressions.
+# It can only fail if Python's arithmetic does, so it backs no claim.
+CONSTANT_OPS = (ast.BinOp, ast.UnaryOp, ast.Tuple)  # not lists: they mutate
+TESTS = ROOT / "tests"
+
+
+def literal_names(tree):
+    """Names bound exactly once in `tree`, each to a constant expression."""
+    bound, values = {}, {}
+
+    def bind(target, value):
+        if isinstance(target, ast.Name):
+            bound[target.id] = bound.get(target.id, 0) + 1
+            values[target.id] = value
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            same = isinstance(value, (ast.Tuple, ast.List)) and len(value.elts) == len(
+                target.elts
+            )
+            for i, elt in enumerate(target.elts):
+                bind(elt, value.elts[i] if same else None)
+        elif isinstance(target, ast.Starred):
+            bind(target.value, None)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                bind(target, node.value)
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            bind(node.target, None)
+        elif isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)):
+            bind(node.target, None)
+        elif isinstance(node, (ast.With, ast.AsyncWith)):
+            for item in node.items:
+                if item.optional_vars is not None:
+                    bind(item.optional_vars, None)
+        elif isinstance(node, ast.NamedExpr):
+            bind(node.target, None)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = node.args
+            for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs]:
+                bound[arg.arg] = bound.get(arg.arg, 0) + 2
+            for arg in (args.vararg, args.kwarg):
+                if arg is not None:
+                    bound[arg.arg] = bound.get(arg.arg, 0) + 2
+            if not isinstance(node, ast.Lambda):
+                bound[node.name] = bound.get(node.name, 0) + 2
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                name = (alias.asname or alias.name).split(".")[0]
+                bound[name] = bound.get(name, 0) + 2
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound[node.name] = bound.get(node.name, 0) + 2
+    constant = set()
+    changed = True
+    while changed:  # names bound to constants made of other such names
+        changed = False
+        for name, value in values.items():
+            if (
+                name not in constant
+                and bound[name] == 1
+                and value is not None
+                and is_constant(value, constant)
+            ):
+                constant.add(name)
+                changed = True
+    return constant
+
+
+def is_constant(node, names):
+    """A literal, arithmetic on literals, or a name of `names`."""
+    if isinstance(node, ast.Constant):
+        return True
+    if isinstance(node, ast.Name):
+        return node.id in names
+    if isinstance(node, CONSTANT_OPS):
+        return all(
+            is_constant(child, names)
+            for child in ast.iter_child_nodes(node)
+            if not isinstance(child, (ast.operator, ast.unaryop, ast.expr_context))
+        )
+    return False
+
+
+def constant_checks(tree):
+    """Unparsed asserts of `tree` that compare two constant expressions."""
+    names = literal_names(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assert):
+            tests = [node.test]
+        elif isinstance(node, ast.Call) and dotted_name(node.func).split(".")[
+            -1
+        ].startswith("assert_"):
+            args = node.args[:2]
+            if len(args) == 2 and all(is_constant(a, names) for a in args):
+                found.append(ast.unparse(node))
+            continue
+        else:
+            continue
+        for test in tests:
+            if is_constant(test, names):
+                found.append(ast.unparse(node))
+                break
+            for compare in (n for n in ast.walk(test) if isinstance(n, ast.Compare)):
+                sides = [compare.left, *compare.comparators]
+                # An equality of two constants anywhere in a chain; an
+                # ordering only when the whole chain is constant (a < 0.4 <
+                # 0.99 < b still compares a and b).
+                if all(is_constant(a, names) for a in sides) or any(
+                    isinstance(op, (ast.Eq, ast.NotEq, ast.Is, ast.IsNot))
+                    and is_constant(a, names)
+                    and is_constant(b, names)
+                    for op, a, b in zip(compare.ops, sides, sides[1:], strict=False)
+                ):
+                    found.append(ast.unparse(node))
+                    break
+    return found
+
+
+def notebook_tree(path):
+    """One module of every parsable code cell of a notebook, in order."""
+    body = []
+    for cell in cells(load(path), "code"):
+        body += cell_tree(cell).body
+    return ast.Module(body=body, type_ignores=[])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_constant_checks_in_chapters(path):
+    found = constant_checks(notebook_tree(path))
+    assert not found, f"{path.name}: asserts that compare two constants: {found}"
+
+
+@pytest.mark.parametrize("path", sorted(TESTS.glob("test_*.py")), ids=lambda p: p.stem)
+def test_no_constant_checks_in_tests(path):
+    found = constant_checks(ast.parse(path.read_text(encoding="utf-8")))
+    assert not found, f"{path.name}: asserts that compare two constants: {found}"
+
+
+def test_constant_check_finder():
+    # The finder flags literal comparisons and spares computed ones.
+    flagged = [
+        "assert 2 * 3 == 6",
+        "assert x == 4 == 2 ** 2",
+        "L = 12\nassert L / 3 == 4",
+        "D, G = 8, 0.9\nnp.testing.assert_allclose((D - 1) * (1 - G), 0.7)",
+        "assert -1 < 0",
+    ]
+    spared = [
+        "assert f(2) == 4",
+        "L = 12\nL = 13\nassert L / 3 == 4",
+        "for n in (1, 2):\n    assert n < 3",
+        "x = np.float32(2**24)\nassert x + 1 == x",
+        "np.testing.assert_allclose(f(0.5), 0.95)",
+        "def g(k=2):\n    assert k == 2",
+    ]
+    for code in flagged:
+        assert constant_checks(ast.parse(code)), code
+    for code in spared:
+        assert not constant_checks(ast.parse(code)), code

@@ -191,8 +191,10 @@ return {
   images: Array.from(document.images).map(i => ({
     src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0})),
   outputImages: document.querySelectorAll(".cell_output img").length,
-  launchLinks: Array.from(document.querySelectorAll("a[href]"))
-    .map(a => a.href).filter(h => /mybinder\\.org|colab\\.research/.test(h)),
+  repoLinks: Array.from(document.querySelectorAll("a[href]"))
+    .map(a => a.href)
+    .filter(h => /mybinder\\.org|colab\\.research/.test(h)
+      || /github\\.com\\/(tvq-book|executablebooks)/.test(h)),
   resources: performance.getEntriesByType("resource").map(e => e.name),
   height: Math.ceil(Math.max(document.documentElement.scrollHeight,
                              document.body.scrollHeight)),
@@ -344,7 +346,8 @@ def test_page_renders_offline(driver, base_url, page, suffix):
 
     if suffix == ".ipynb":
         assert facts["outputImages"] > 0, f"{page}: no figure in the cell outputs"
-        hosts = " ".join(facts["launchLinks"])
-        assert "mybinder.org" in hosts and "colab.research" in hosts, (
-            f"{page}: Binder/Colab launch links missing: {facts['launchLinks']}"
-        )
+    # The book names no hosted copy of its repository (none is published):
+    # no launch buttons, no repository link (_config.yml).
+    assert not facts["repoLinks"], (
+        f"{page}: links to a repository: {facts['repoLinks']}"
+    )
