@@ -403,7 +403,7 @@ def _decode(
         if stop_token is not None:
             token = jnp.where(stopped, stop_token, token)
             stopped = stopped | (token == stop_token)
-        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (jnp.zeros_like(i), i))
+        tokens = tokens.at[:, i].set(token)
         out = step.apply(variables, token[:, None], state)
         return i + 1, tokens, out["logprobs"][:, 0], out["attn_state"], stopped
 
