@@ -344,7 +344,7 @@ class Restored:
 
     config: TransformerConfig
     train_state: TrainState
-    rng: jax.Array  # a jax.random key
+    rng: jax.Array  # a jax.random key, on this process
     attn_state: Any  # None unless attention="vq"
     data_position: int
     heldout_loss: float | None
@@ -442,7 +442,8 @@ class RunCheckpoints:
         """Save a checkpoint at step train_state.step; returns that step.
 
         Every process of a multi-process run must call it with its global
-        arrays (replicated, or rows over the mesh for attn_state).
+        arrays (replicated, or rows over the mesh for attn_state); rng is the
+        key data (`jax.random.key_data`), replicated like the parameters.
         """
         if carries_state(config) != (attn_state is not None):
             raise ValueError(
@@ -539,7 +540,7 @@ class RunCheckpoints:
             train_state=TrainState(
                 step=train["step"], params=got["params"], opt_state=train["opt_state"]
             ),
-            rng=jax.random.wrap_key_data(train["rng"]),
+            rng=jax.random.wrap_key_data(np.asarray(_local(train["rng"]))),
             attn_state=train.get("attn_state"),
             data_position=int(meta["data_position"]),
             heldout_loss=meta.get("heldout_loss"),

@@ -332,13 +332,14 @@ class Corpus:
 
     def summary(self) -> str:
         """One line: documents, bytes and how the split was made."""
-        lo, hi = self.index["heldout"]
+        n_heldout = sum(d.size for d in self.heldout_documents())
         skipped = len(self.index["skipped"])
         how = "by file" if self.index["split_by"] == "file" else "by bytes (tail)"
         return (
             f"corpus: {len(self.index['documents'])} files, "
-            f"{self.index['n_bytes']:,} bytes; train {self.n_train:,} bytes, "
-            f"held out {hi - lo:,} bytes (split {how}); {skipped} file(s) skipped"
+            f"{self.index['n_bytes']:,} bytes with separators; train "
+            f"{self.n_train:,}, held out {n_heldout:,} (split {how}); "
+            f"{skipped} file(s) skipped"
         )
 
 

@@ -452,8 +452,12 @@ def make_train_step(
     )
 
 
-def progress_bar(total: int | None, desc: str, enable: bool):
-    """A tqdm bar on stdout (widget in Jupyter with ipywidgets, else text)."""
+def progress_bar(total: int | None, desc: str, enable: bool, unit: str = "it"):
+    """A tqdm bar on stdout (widget in Jupyter with ipywidgets, else text).
+
+    unit names what `update` counts; a unit other than "it" is shown with
+    k/M prefixes (e.g. 12.3ktok/s).
+    """
     return tqdm(
         total=total,
         desc=desc,
@@ -461,6 +465,8 @@ def progress_bar(total: int | None, desc: str, enable: bool):
         file=sys.stdout,
         mininterval=1.0,
         dynamic_ncols=True,
+        unit=unit,
+        unit_scale=unit != "it",
     )
 
 
