@@ -16,8 +16,7 @@ subdirectory per optimizer step, through orbax's CheckpointManager: the last
 `keep` steps and the step with the lowest held-out loss survive. Orbax writes
 each step into a temporary directory and renames it when complete, so a crash
 during a save leaves the steps saved before it intact, and the temporary
-directory is never taken for a checkpoint (it is deleted when the directory
-is next opened for writing).
+directory is never taken for a checkpoint (the next save deletes it).
 
 An *exported model* (`save_params`) is a checkpoint with only params and
 config: what sampling and evaluation need, a few MB for a small model.
@@ -214,7 +213,9 @@ def _read_json_item(path: Path, item: str) -> dict:
     try:
         return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / item)
     except Exception as e:  # orbax raises many kinds; all mean unreadable
-        raise ValueError(f"checkpoint {path}: item {item!r} is unreadable ({e})") from e
+        raise ValueError(
+            f"checkpoint {path}: item {item!r} could not be read ({e})"
+        ) from e
 
 
 def _check_items(path: Path, items) -> None:
@@ -233,7 +234,9 @@ def _item_metadata(path: Path, item: str):
     try:
         meta = ocp.StandardCheckpointHandler().metadata(path / item)
     except Exception as e:
-        raise ValueError(f"checkpoint {path}: item {item!r} is unreadable ({e})") from e
+        raise ValueError(
+            f"checkpoint {path}: item {item!r} could not be read ({e})"
+        ) from e
     return meta.tree
 
 
