@@ -13,7 +13,9 @@ batch to batch (attention="vq"). The corpus is built once under
 DIR/corpus/.
 
 Training: a preset (`PRESETS`) and `--set` overrides make the
-TransformerConfig; n_max_step sets the run's length and its schedule. The
+TransformerConfig; n_max_step sets the run's length and its schedule (the
+run takes whole batches of sequence_len / update_len steps each, so it may
+end up to one batch past n_max_step). The
 batch is split over every device of every process (`tvq.make_data_mesh`).
 Every `--eval-every` batches the model is evaluated on the held-out split
 (at most `--eval-bytes` bytes of it) and saved (`tvq.checkpoint`, in
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -169,7 +172,6 @@ RUN_DEFAULTS = {
 
 
 def _field_types() -> dict[str, str]:
-
     return {
         f.name: str(f.type)
         for f in dataclasses.fields(TransformerConfig)
@@ -248,18 +250,10 @@ def evaluate_bits(config, params, corpus, documents, mesh, batch_size: int) -> d
     chunk = config.sequence_len
     carry = carries_state(config)
     rows = process_rows(batch_size)
-    local_b = rows.stop - rows.start
-    fresh_local = Transformer.initial_state(config, local_b, None if carry else chunk)
-    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    attn = state_sharding(fresh_local, mesh)
-
-    def sums(params, batch, state):
-        out = eval_step(config, params, batch, state)
-        counted = batch["loss_mask"] != 0
-        nll = jnp.sum(jnp.where(counted, out["nll"], 0.0), dtype=jnp.float32)
-        return jnp.stack([nll, jnp.sum(counted, dtype=jnp.float32)]), out["attn_state"]
-
-    step = jax.jit(sums, in_shardings=(repl, data, attn), out_shardings=(repl, attn))
+    fresh_local = Transformer.initial_state(
+        config, rows.stop - rows.start, None if carry else chunk
+    )
+    step = _eval_sums(config, mesh, rows.stop - rows.start)
     total = np.zeros(2)
     state = None
     for first, batch in stream_batches(
@@ -271,6 +265,25 @@ def evaluate_bits(config, params, corpus, documents, mesh, batch_size: int) -> d
         total += np.asarray(out.addressable_data(0), np.float64)
     nll, count = total
     return dict(bits_per_byte=nll / count * LOG2E, n_bytes=int(count))
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_sums(config, mesh, local_b: int):
+    """Jitted (params, batch, state) -> ([nll sum, count], state) on the mesh."""
+    carry = carries_state(config)
+    fresh = Transformer.initial_state(
+        config, local_b, None if carry else config.sequence_len
+    )
+    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    attn = state_sharding(fresh, mesh)
+
+    def sums(params, batch, state):
+        out = eval_step(config, params, batch, state)
+        counted = batch["loss_mask"] != 0
+        nll = jnp.sum(jnp.where(counted, out["nll"], 0.0), dtype=jnp.float32)
+        return jnp.stack([nll, jnp.sum(counted, dtype=jnp.float32)]), out["attn_state"]
+
+    return jax.jit(sums, in_shardings=(repl, data, attn), out_shardings=(repl, attn))
 
 
 def process_rows(batch_size: int) -> slice:
@@ -299,7 +312,7 @@ class TrainOptions:
     seed: int = 0
     heldout_fraction: float = 0.05
     eval_every: int | None = None
-    eval_bytes: int | None = -1  # -1: the preset's default; None: all
+    eval_bytes: int | None = None  # None: the preset's default; 0: all
     keep: int = 3
     progress: bool = True
 
@@ -335,7 +348,6 @@ def _agree(flag: bool) -> bool:
     """True when any process's flag is set (every process must call it)."""
     if jax.process_count() == 1:
         return flag
-
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
@@ -358,9 +370,9 @@ def train(options: TrainOptions) -> dict:
     config = make_config(options.preset, options.overrides, options.dtype)
     run_defaults = RUN_DEFAULTS.get(options.preset, RUN_DEFAULTS["cpu"])
     eval_every = options.eval_every or run_defaults["eval_every"]
-    eval_bytes = (
-        run_defaults["eval_bytes"] if options.eval_bytes == -1 else options.eval_bytes
-    )
+    eval_bytes = options.eval_bytes
+    if eval_bytes is None:
+        eval_bytes = run_defaults["eval_bytes"]
     workdir = Path(options.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     b, length = config.global_batch_size, config.sequence_len
@@ -375,7 +387,7 @@ def train(options: TrainOptions) -> dict:
 
     corpus = _shared_corpus(options.data, workdir / "corpus", options.heldout_fraction)
     _say(corpus.summary())
-    heldout = corpus.heldout_documents(eval_bytes)
+    heldout = corpus.heldout_documents(eval_bytes or None)
     run_id = dict(
         seed=options.seed,
         corpus_sha256=corpus.digest,
@@ -384,38 +396,9 @@ def train(options: TrainOptions) -> dict:
     checkpoints = RunCheckpoints(workdir / "checkpoints", keep=options.keep)
     carry = carries_state(config)
     metrics_path = workdir / "metrics.jsonl"
-    rng_init, rng_train = jax.random.split(jax.random.key(options.seed))
-    if checkpoints.latest_step() is not None:
-        try:
-            restored = checkpoints.restore(config, mesh=mesh)
-        except ValueError as e:
-            raise ValueError(
-                f"{e}\nresume with the same --preset, --set and --dtype, "
-                f"or train in a new --workdir"
-            ) from e
-        differs = [
-            f"{k}: saved {restored.meta.get(k)!r}, now {v!r}"
-            for k, v in run_id.items()
-            if restored.meta.get(k) != v
-        ]
-        if differs:
-            raise ValueError(
-                f"{workdir} holds a run on other data or settings ("
-                + "; ".join(differs)
-                + "): resume with the same ones, or train in a new --workdir"
-            )
-        state, attn_state = restored.train_state, restored.attn_state
-        rng_train, position = restored.rng, restored.data_position
-        last_bits = restored.heldout_loss
-        if last_bits is not None:
-            last_bits *= LOG2E
-        step = int(state.step.addressable_data(0))
-        _say(f"resuming from step {step}")
-        if jax.process_index() == 0:
-            _trim_metrics(metrics_path, step)
-    else:
-        state = replicate(init_train_state(config, rng_init), mesh)
-        attn_state, position, last_bits = None, 0, None
+    start = _start(config, checkpoints, mesh, run_id, metrics_path)
+    state, attn_state, rng_train, position, last_bits = start
+    if position == 0 and checkpoints.latest_step() is None:
         n_param = sum(x.size for x in jax.tree.leaves(state.params))
         _say(f"new run: {n_param:,} parameters, {n_batch} batches of {b} x {length}")
     step_fn = make_train_step(config, mesh, carry=carry)
@@ -523,11 +506,55 @@ def train(options: TrainOptions) -> dict:
     )
 
 
+def _start(config, checkpoints, mesh, run_id: dict, metrics_path: Path):
+    """(state, attn_state, rng, data position, held-out bits) to train from.
+
+    The latest checkpoint when there is one (ValueError if it was made with
+    another config, seed, corpus or held-out fraction), else a new state from
+    run_id["seed"]. Metric lines written after the checkpoint are dropped.
+    """
+    rng_init, rng_train = jax.random.split(jax.random.key(run_id["seed"]))
+    if checkpoints.latest_step() is None:
+        if jax.process_index() == 0:
+            _trim_metrics(metrics_path, 0)  # from a run stopped before its first save
+        state = replicate(init_train_state(config, rng_init), mesh)
+        return state, None, rng_train, 0, None
+    try:
+        restored = checkpoints.restore(config, mesh=mesh)
+    except ValueError as e:
+        raise ValueError(
+            f"{e}\nresume with the same --preset, --set and --dtype, "
+            f"or train in a new --workdir"
+        ) from e
+    differs = [
+        f"{k}: saved {restored.meta.get(k)!r}, now {v!r}"
+        for k, v in run_id.items()
+        if restored.meta.get(k) != v
+    ]
+    if differs:
+        raise ValueError(
+            f"{checkpoints.directory} holds a run on other data or settings ("
+            + "; ".join(differs)
+            + "): resume with the same ones, or train in a new --workdir"
+        )
+    step = int(restored.train_state.step.addressable_data(0))
+    _say(f"resuming from step {step}")
+    if jax.process_index() == 0:
+        _trim_metrics(metrics_path, step)
+    bits = restored.heldout_loss
+    return (
+        restored.train_state,
+        restored.attn_state,
+        restored.rng,
+        restored.data_position,
+        None if bits is None else bits * LOG2E,
+    )
+
+
 def _shared_corpus(data, cache_dir: Path, fraction: float):
     """The corpus, built by process 0 first when processes share a file system."""
     if jax.process_count() == 1:
         return load_corpus(data, cache_dir, fraction)
-
     if jax.process_index() == 0:
         corpus = load_corpus(data, cache_dir, fraction)
     multihost_utils.sync_global_devices("tvq.lm corpus built")
@@ -675,9 +702,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--eval-bytes",
         type=int,
-        default=-1,
         metavar="N",
-        help="held-out bytes per evaluation (0: all)",
+        help="held-out bytes per evaluation (0: all; default: the preset's)",
     )
     t.add_argument("--keep", type=int, default=3, help="latest checkpoints kept")
     t.add_argument("--no-progress", action="store_true")
@@ -789,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
                     seed=args.seed,
                     heldout_fraction=args.heldout_fraction,
                     eval_every=args.eval_every,
-                    eval_bytes=None if args.eval_bytes == 0 else args.eval_bytes,
+                    eval_bytes=args.eval_bytes,
                     keep=args.keep,
                     progress=not args.no_progress,
                 )
