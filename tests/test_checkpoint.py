@@ -114,7 +114,8 @@ def test_resume_is_exact(corpus, tmp_path):
             rng=tt.replicate(jax.random.key_data(rng), mesh), data_position=n,
             attn_state=attn, heldout_loss=1.5, extra=dict(note="half"),
         )  # fmt: skip
-    got = ck.RunCheckpoints(tmp_path / "run").restore(config, mesh=mesh)
+    with ck.RunCheckpoints(tmp_path / "run") as run:
+        got = run.restore(config, mesh=mesh)
     assert got.data_position == n and got.heldout_loss == 1.5
     assert got.meta["note"] == "half"
     assert int(got.train_state.step.addressable_data(0)) == n * 2
@@ -154,9 +155,9 @@ def test_keeps_the_last_n_and_the_best(tmp_path):
     steps = list(range(1, len(losses) + 1))
     scored = {s: v for s, v in zip(steps, losses, strict=True) if v is not None}
     best = min(scored, key=scored.get)
-    reopened = ck.RunCheckpoints(tmp_path, read_only=True)
-    assert reopened.steps() == sorted({*steps[-2:], best}) == [2, 6, 7]
-    assert reopened.best_step() == best
+    with ck.RunCheckpoints(tmp_path, read_only=True) as reopened:
+        assert reopened.steps() == sorted({*steps[-2:], best}) == [2, 6, 7]
+        assert reopened.best_step() == best
     config_back, params = ck.load_params(tmp_path)  # the best step
     assert config_back == config
     assert ck.load_params(tmp_path, step=7)[1].keys() == params.keys()
@@ -182,8 +183,9 @@ def test_a_save_cut_short_is_ignored(tmp_path):
     partial = tmp_path / "3.orbax-checkpoint-tmp-1700000000"
     shutil.copytree(tmp_path / "2", partial)
     shutil.rmtree(partial / "params")
-    assert ck.RunCheckpoints(tmp_path, read_only=True).steps() == [1, 2]
-    got = ck.RunCheckpoints(tmp_path, read_only=True).restore(config)
+    with ck.RunCheckpoints(tmp_path, read_only=True) as run:
+        assert run.steps() == [1, 2]
+        got = run.restore(config)
     assert got.data_position == 2
     assert max_diff(got.train_state.params, state.params) == 0.0
     # The next save clears the leftover.
@@ -192,7 +194,8 @@ def test_a_save_cut_short_is_ignored(tmp_path):
         later = state.replace(step=state.step + 1)
         run.save(config=config, train_state=later, rng=key, data_position=3)
     assert not partial.exists()
-    assert ck.RunCheckpoints(tmp_path, read_only=True).steps() == [1, 2, 3]
+    with ck.RunCheckpoints(tmp_path, read_only=True) as run:
+        assert run.steps() == [1, 2, 3]
 
 
 KILLED_SAVER = """
@@ -233,8 +236,8 @@ def test_a_killed_save_loses_nothing(tmp_path):
             break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    run = ck.RunCheckpoints(tmp_path / "run", read_only=True)
-    steps = run.steps()
+    with ck.RunCheckpoints(tmp_path / "run", read_only=True) as run:
+        steps = run.steps()
     leftovers = [p.name for p in (tmp_path / "run").iterdir() if "tmp" in p.name]
     print(
         f"saves took {seconds} s; after the kill: steps {steps}, temporary {leftovers}"
@@ -243,7 +246,8 @@ def test_a_killed_save_loses_nothing(tmp_path):
     config = tvq.TransformerConfig.create(**fields)
     fresh = tt.init_train_state(config, jax.random.key(0))
     for s in steps:
-        got = run.restore(config, step=s)
+        with ck.RunCheckpoints(tmp_path / "run", read_only=True) as run:
+            got = run.restore(config, step=s)
         assert max_diff(got.train_state.params, fresh.params) == 0.0
         assert got.data_position == s
 
@@ -253,10 +257,12 @@ def test_a_killed_save_loses_nothing(tmp_path):
 
 def test_other_config_is_named(tmp_path):
     config, _ = saved_run(tmp_path)
-    run = ck.RunCheckpoints(tmp_path, read_only=True)
-    with pytest.raises(
-        ValueError,
-        match=r"(?s)does not match:\n  d_model: saved 16, given 32\n  lr_max: saved",
+    with (
+        ck.RunCheckpoints(tmp_path, read_only=True) as run,
+        pytest.raises(
+            ValueError,
+            match=r"(?s)does not match:\n  d_model: saved 16, given 32\n  lr_max:",
+        ),
     ):
         run.restore(config.replace(d_model=32, lr_max=0.5))
 
@@ -277,12 +283,16 @@ def test_other_shapes_are_named(tmp_path):
 
 def test_missing_and_truncated_items(tmp_path):
     config, _ = saved_run(tmp_path)
-    run = ck.RunCheckpoints(tmp_path, read_only=True)
+
+    def restore(config, step):
+        with ck.RunCheckpoints(tmp_path, read_only=True) as run:
+            return run.restore(config, step=step)
+
     shutil.rmtree(tmp_path / "2" / "train")
     with pytest.raises(
         ValueError, match=r"is incomplete: missing item\(s\) \['train'\]"
     ):
-        run.restore(config, step=2)
+        restore(config, step=2)
     data_files = [
         p
         for p in (tmp_path / "1" / "params").rglob("*")
@@ -292,11 +302,11 @@ def test_missing_and_truncated_items(tmp_path):
     for p in data_files:
         p.write_bytes(p.read_bytes()[:10])
     with pytest.raises(ValueError, match=r"item 'params' could not be read"):
-        run.restore(config, step=1)
+        restore(config, step=1)
     with pytest.raises(
         ValueError, match=r"no checkpoint of step 5 .* saved steps: \[1, 2\]"
     ):
-        run.restore(config, step=5)
+        restore(config, step=5)
     with pytest.raises(ValueError, match="no checkpoint at .*nowhere: not a directory"):
         ck.load_params(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="exists: export to a new directory"):

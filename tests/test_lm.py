@@ -107,11 +107,9 @@ def test_interrupted_run_resumes_to_the_same_parameters(text_dir, tmp_path):
     assert err <= 1e-6
     assert metric_rows(broken) == metric_rows(straight)
     # Training moved the parameters from the checkpoint it resumed from.
-    ckpts = ck.RunCheckpoints(straight / "checkpoints", read_only=True)
-    assert (
-        max_diff(final_params(straight, ckpts.steps()[0]), final_params(straight, 300))
-        > 1e-3
-    )
+    with ck.RunCheckpoints(straight / "checkpoints", read_only=True) as run:
+        first = run.steps()[0]
+    assert max_diff(final_params(straight, first), final_params(straight, 300)) > 1e-3
 
     check_eval_command(text_dir, straight)
     check_sample(straight)

@@ -211,7 +211,8 @@ def _abstract_rng():
 def _read_json_item(path: Path, item: str) -> dict:
     _check_items(path, [item])
     try:
-        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / item)
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+            return checkpointer.restore(path / item)
     except Exception as e:  # orbax raises many kinds; all mean unreadable
         raise ValueError(
             f"checkpoint {path}: item {item!r} could not be read ({e})"
@@ -231,13 +232,15 @@ def _check_items(path: Path, items) -> None:
 
 
 def _item_metadata(path: Path, item: str):
+    handler = ocp.StandardCheckpointHandler()
     try:
-        meta = ocp.StandardCheckpointHandler().metadata(path / item)
+        return handler.metadata(path / item).tree
     except Exception as e:
         raise ValueError(
             f"checkpoint {path}: item {item!r} could not be read ({e})"
         ) from e
-    return meta.tree
+    finally:
+        handler.close()
 
 
 def read_config(path: str | Path) -> TransformerConfig:
@@ -257,11 +260,11 @@ def _restore_items(path: Path, targets: dict) -> dict:
             f"checkpoint {path}, item {item!r}",
             tree_differences(metadata, target, item),
         )
-        checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
         try:
-            out[item] = checkpointer.restore(
-                path / item, args=ocp.args.StandardRestore(target)
-            )
+            with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+                out[item] = checkpointer.restore(
+                    path / item, args=ocp.args.StandardRestore(target)
+                )
         except Exception as e:
             raise ValueError(
                 f"checkpoint {path}: item {item!r} could not be read ({e})"
@@ -291,14 +294,14 @@ def save_params(path: str | Path, config: TransformerConfig, params) -> Path:
     path = Path(path).absolute()
     if path.exists():
         raise ValueError(f"{path} exists: export to a new directory")
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    checkpointer.save(
-        path,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            config=ocp.args.JsonSave(config_to_json(config)),
-        ),
-    )
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(
+            path,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                config=ocp.args.JsonSave(config_to_json(config)),
+            ),
+        )
     return path
 
 
@@ -322,14 +325,7 @@ def load_params(
     if not path.is_dir():
         raise ValueError(f"no checkpoint at {path}: not a directory")
     if not (path / "config").is_dir():
-        run = RunCheckpoints(path, read_only=True)
-        chosen = run.best_step() if step is None else step
-        if chosen is None:
-            raise ValueError(
-                f"{path} holds no checkpoint: neither an export (params, config) "
-                f"nor a run directory with saved steps"
-            )
-        path = run.step_path(chosen)
+        path = run_step_path(path, step)
     elif step is not None:
         raise ValueError(f"{path} is a single checkpoint: step={step} needs a run's")
     _check_items(path, ["params", "config"])
@@ -339,6 +335,18 @@ def load_params(
 
 
 # --------------------------------------------------------- training runs
+
+
+def run_step_path(directory: str | Path, step: int | None = None) -> Path:
+    """The checkpoint of `step` in a run's directory (default: best, else latest)."""
+    with RunCheckpoints(directory, read_only=True) as run:
+        chosen = run.best_step() if step is None else step
+        if chosen is None:
+            raise ValueError(
+                f"{run.directory} holds no checkpoint: neither an export (params, "
+                f"config) nor a run directory with saved steps"
+            )
+        return run.step_path(chosen)
 
 
 @dataclasses.dataclass

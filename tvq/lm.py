@@ -61,7 +61,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tvq.checkpoint import RunCheckpoints, load_params, read_config
+from tvq.checkpoint import RunCheckpoints, load_params, read_config, run_step_path
 from tvq.cluster import join_cluster, run_local_processes, set_cpu_devices
 from tvq.config import INITIALIZERS, TransformerConfig
 from tvq.corpus import (
@@ -111,7 +111,7 @@ BYTE_MODEL = dict(
     is_train=True,
 )
 PRESETS = {
-    # Minutes on 2 CPU cores.
+    # 576k parameters; minutes on 2 CPU cores.
     "cpu": dict(
         BYTE_MODEL,
         d_model=128,
@@ -134,8 +134,9 @@ PRESETS = {
         n_warmup_step=50,
         n_max_step=600,
     ),
-    # The reference's enwik8 run (scripts/lm_enwik8.sh; T = 8192, L = M = S = 512):
-    # 190M parameters, for accelerators.
+    # The reference's enwik8 run (its scripts/lm_enwik8.sh, with T = 8192 and
+    # L = M = S = 512 as its optimized branch's config_enwik8.py): 188M
+    # parameters, for accelerators.
     "enwik8": dict(
         BYTE_MODEL,
         d_model=768,
@@ -481,13 +482,13 @@ def train(options: TrainOptions) -> dict:
                         save()
                     interrupted = True
                     break
+        checkpoints.wait()
+        best = checkpoints.best_step()
     finally:
         bar.close()
         if log:
             log.close()
-        checkpoints.wait()
-    best = checkpoints.best_step()
-    checkpoints.close()
+        checkpoints.close()  # waits for a save in progress
     step = int(state.step.addressable_data(0))
     if interrupted:
         _say(f"saved step {step}; run the same command again to resume")
@@ -859,11 +860,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_vq(path, step) -> bool:
-
     directory = checkpoint_dir(path)
     if not (directory / "config").is_dir():
-        run = RunCheckpoints(directory, read_only=True)
-        directory = run.step_path(run.best_step() if step is None else step)
+        directory = run_step_path(directory, step)
     return read_config(directory).attention == "vq"
 
 
