@@ -835,8 +835,9 @@ def main(argv: list[str] | None = None) -> int:
                 if _is_vq(args.workdir, args.step)
                 else (", dense: key/value buffer reset every sequence_len bytes")
             )
+            n_doc = result["n_documents"]
             print(
-                f"held out: {result['n_documents']} documents, "
+                f"held out: {n_doc} document{'s' * (n_doc != 1)}, "
                 f"{result['n_bytes']:,} bytes{reset}"
             )
             print(f"bits per byte: {result['bits_per_byte']:.4f}")
