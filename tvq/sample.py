@@ -188,7 +188,7 @@ def state_nbytes(
 
     Every call returns a state of the same shapes and dtypes as it was given, so
     this is also the size at every later position. max_len sizes the key/value
-    buffer of attention="dense" and is ignored for "vq".
+    buffer of dense attention (any attention but "vq") and is ignored for "vq".
     """
     shapes = jax.eval_shape(
         lambda: Transformer.initial_state(config, batch_size, max_len)
