@@ -17,9 +17,10 @@ Python versions: book/data/bytes_files.csv lists every file used (split,
 path, bytes) and bytes_results.csv the Python version and a SHA-256 of each
 split.
 
-Writes under book/data/: bytes_vq.npz and bytes_dense.npz (float32
-parameters, path-named, plus the config as JSON), bytes_curve.csv (training
-loss per optimizer step against training seconds), bytes_results.csv,
+Writes under book/data/: bytes_vq/ and bytes_dense/ (the models, exported
+with `tvq.checkpoint.save_params`: float32 parameters and the config, read
+back with `tvq.checkpoint.load_params`), bytes_curve.csv (training loss per
+optimizer step against training seconds), bytes_results.csv,
 bytes_files.csv and bytes_loss_by_position.csv (held-out loss by position in
 sequences of --long-len bytes, both models).
 
@@ -31,8 +32,8 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import json
 import os
+import shutil
 import sys
 import sysconfig
 import time
@@ -53,6 +54,7 @@ import numpy as np  # noqa: E402
 
 import tvq  # noqa: E402
 from tvq import train as tvq_train  # noqa: E402
+from tvq.checkpoint import save_params  # noqa: E402
 from tvq.sample import generate, state_nbytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,13 +165,6 @@ def nll_by_position(config, params, batch, chunk=8) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def flat_params(params) -> dict:
-    return {
-        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x, np.float32)
-        for path, x in jax.tree_util.tree_leaves_with_path(params)
-    }
-
-
 def sample_text(config, params, prompt: bytes, n: int, seed: int) -> str:
     tokens = jnp.asarray(np.frombuffer(prompt, np.uint8)[None].astype(np.int32))
     out = generate(config, params, tokens, max_new_tokens=n, rng=jax.random.key(seed))
@@ -258,11 +253,9 @@ def main(argv=None):
                 eval_config, 1, args.long_len)),
         ]  # fmt: skip
         print(f"{name}: {steps} steps in {m['seconds']:.0f} s, held-out {bpb:.3f} bpb")
-        np.savez_compressed(
-            out_dir / f"bytes_{name}.npz",
-            config=np.array(json.dumps({**MODEL, "attention": name})),
-            **flat_params(params),
-        )
+        export = out_dir / f"bytes_{name}"
+        shutil.rmtree(export, ignore_errors=True)
+        save_params(export, configs[name], params)
     for name, files in split.items():
         digest = hashlib.sha256(data[name].tobytes()).hexdigest()
         results += [

@@ -341,7 +341,10 @@ def test_code_counts_stacks_every_gau():
     "overrides, message",
     [
         (dict(lr_max=None), "needs config.lr_max, got None"),
-        (dict(optimizer="lion"), "optimizer must be 'adamw', got 'lion'"),
+        (
+            dict(optimizer="sgd"),
+            "optimizer must be one of ('adamw', 'adafactor', 'lion'), got 'sgd'",
+        ),
         (dict(lr_schedule="step"), "lr_schedule must be one of"),
         (dict(n_warmup_step=30), "n_warmup_step=30, n_max_step=20"),
         (dict(update_len=6), "update_len=6 must be a positive multiple of block_len=4"),

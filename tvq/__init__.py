@@ -8,7 +8,9 @@ from tvq.attention import (
     vq_attention,
     vq_attention_flops,
 )
+from tvq.checkpoint import RunCheckpoints, load_params, save_params
 from tvq.config import TransformerConfig
+from tvq.corpus import load_corpus
 from tvq.data import MQAR_STATIC_ARGNAMES, accuracy_by_distance, mqar_batch
 from tvq.layers import GAU, LayerNorm
 from tvq.model import Transformer, TransformerLayer, loss_fn
@@ -28,6 +30,8 @@ from tvq.sample import (
     nucleus_logprobs,
     prefill,
     sample_nucleus,
+    sample_token,
+    sampling_logprobs,
     state_nbytes,
 )
 from tvq.train import (
@@ -42,6 +46,7 @@ from tvq.train import (
     replicate,
     shard_batch,
     train_step,
+    train_step_carry,
 )
 from tvq.vq import (
     LearnableVQ,
@@ -73,6 +78,8 @@ __all__ = [
     "initial_attention_state",
     "LayerNorm",
     "LearnableVQ",
+    "load_corpus",
+    "load_params",
     "loss_fn",
     "lr_schedule",
     "make_data_mesh",
@@ -85,7 +92,11 @@ __all__ = [
     "pmap_codebook_grads",
     "prefill",
     "replicate",
+    "RunCheckpoints",
     "sample_nucleus",
+    "sample_token",
+    "sampling_logprobs",
+    "save_params",
     "sg",
     "shard_batch",
     "shard_map_codebook_grads",
@@ -93,6 +104,7 @@ __all__ = [
     "st",
     "state_nbytes",
     "train_step",
+    "train_step_carry",
     "TrainState",
     "Transformer",
     "TransformerConfig",

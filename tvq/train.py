@@ -13,6 +13,14 @@ tokens), loss_mask (1 where the language-model loss counts) and, optionally,
 codebook_mask (1 where a key updates the codebook; default loss_mask, as in
 the reference, where the mask marks real tokens). Other keys are ignored.
 
+`train_step` starts every batch from a fresh attention state. When batch row
+b of one batch continues the text of row b of the batch before (continuous
+streams, as `tvq.corpus` makes them), `train_step_carry` takes the state the
+previous batch ended with and returns the new one, so the model sees an
+unbroken stream across batches too. Only attention="vq" carries state across
+batches: its state has a fixed size, while a dense key/value buffer holds
+one sequence.
+
 Axes: B batch, L sequence_len, U update_len, S codes, H heads, G GAUs.
 """
 
@@ -45,6 +53,7 @@ with warnings.catch_warnings():
 
 CODEBOOK_PARAMS = ("c_sum", "c_count")
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adafactor", "lion")
 TRAIN_FIELDS = (
     "optimizer",
     "lr_max",
@@ -71,8 +80,10 @@ def check_train_config(config: TransformerConfig) -> None:
     for name in TRAIN_FIELDS:
         if getattr(config, name) is None:
             raise ValueError(f"tvq.train needs config.{name}, got None")
-    if config.optimizer != "adamw":
-        raise ValueError(f"config.optimizer must be 'adamw', got {config.optimizer!r}")
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"config.optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}"
+        )
     if config.lr_schedule not in SCHEDULES:
         raise ValueError(
             f"config.lr_schedule must be one of {SCHEDULES}, got {config.lr_schedule!r}"
@@ -118,13 +129,46 @@ def param_labels(params) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def base_optimizer(config: TransformerConfig) -> optax.GradientTransformation:
+    """The adaptive step of config.optimizer at learning rate lr_max, as the reference.
+
+    "adamw": AdamW, b1 0.9, b2 0.98, eps 1e-9, first moment in float32, no
+    built-in decay. "adafactor": Adafactor (Shazeer and Stern, 2018) with
+    factored second moments for matrices whose two largest axes both have
+    >= 128 entries, decay 1 - t^-0.8, update clipping at RMS 1, steps scaled
+    by the parameter's RMS (at least 1e-3), no momentum, no built-in decay.
+    "lion": Lion (Chen et al., 2023), b1 0.95, b2 0.98, momentum in bfloat16,
+    no built-in decay. Each returns an update to add, already negated.
+    """
+    check_train_config(config)
+    if config.optimizer == "adafactor":
+        return optax.adafactor(
+            config.lr_max,
+            multiply_by_parameter_scale=True,
+            clipping_threshold=1.0,
+            weight_decay_rate=None,  # optax's decay is scaled by the rate
+        )
+    if config.optimizer == "lion":
+        return optax.lion(
+            config.lr_max, b1=0.95, b2=0.98, mu_dtype=jnp.bfloat16, weight_decay=0.0
+        )
+    return optax.adamw(
+        config.lr_max,
+        b1=0.9,
+        b2=0.98,
+        eps=1e-9,
+        mu_dtype=jnp.float32,
+        weight_decay=0.0,  # optax's decay is scaled by the rate: see make_optimizer
+    )
+
+
 def make_optimizer(config: TransformerConfig) -> optax.GradientTransformation:
     """The reference's optimizer, with its hyperparameters from the config.
 
     Codebook statistics (c_sum, c_count): SGD with learning rate 1, so their
     step on the codebook loss is the EMA update. Everything else: clipping to
-    global norm grad_clip (if set), AdamW (b1 0.9, b2 0.98, eps 1e-9, no
-    built-in decay) at lr_max times `lr_schedule`, then decoupled weight decay
+    global norm grad_clip (if set), `base_optimizer` (AdamW, Adafactor or Lion
+    at lr_max), times `lr_schedule`, then decoupled weight decay
     p <- p - wd_lam p, not scaled by the learning rate, on every parameter that
     is not 1-D (gains, biases and u, v stay undecayed).
     """
@@ -132,16 +176,7 @@ def make_optimizer(config: TransformerConfig) -> optax.GradientTransformation:
     main = []
     if config.grad_clip is not None:
         main.append(optax.clip_by_global_norm(config.grad_clip))
-    main.append(
-        optax.adamw(
-            config.lr_max,
-            b1=0.9,
-            b2=0.98,
-            eps=1e-9,
-            mu_dtype=jnp.float32,
-            weight_decay=0.0,  # optax's decay is scaled by the rate: see below
-        )
-    )
+    main.append(base_optimizer(config))
     main.append(optax.scale_by_schedule(lr_schedule(config)))
     if config.wd_lam > 0:
         main.append(
@@ -201,6 +236,11 @@ def masked_accuracy(logprobs, targets, loss_mask) -> jax.Array:
     return (jnp.argmax(logprobs, axis=-1) == targets) & (loss_mask != 0)
 
 
+def carries_state(config: TransformerConfig) -> bool:
+    """Whether training carries the attention state across batches (attention="vq")."""
+    return config.attention == "vq"
+
+
 def train_step(
     config: TransformerConfig,
     tx: optax.GradientTransformation,
@@ -208,7 +248,7 @@ def train_step(
     batch: dict,
     rng: jax.Array,
 ) -> tuple[TrainState, dict]:
-    """One batch: one optimizer step per update window, state carried between.
+    """One batch from a fresh attention state: one optimizer step per window.
 
     Args:
       config: training config (is_train true).
@@ -223,6 +263,43 @@ def train_step(
       n_counted, lr_scale and, for attention="vq", the quantizer metrics.
     """
     check_train_config(config)
+    b = check_batch(batch, config.sequence_len)["inputs"].shape[0]
+    attn_state = Transformer.initial_state(config, b, config.sequence_len)
+    state, _, metrics = _train_windows(config, tx, state, attn_state, batch, rng)
+    return state, metrics
+
+
+def train_step_carry(
+    config: TransformerConfig,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    attn_state,
+    batch: dict,
+    rng: jax.Array,
+) -> tuple[TrainState, Any, dict]:
+    """`train_step` from a given attention state; also returns the state after.
+
+    Row b of the batch must continue the text that row b of `attn_state` has
+    seen (start with `Transformer.initial_state(config, B)`). Gradients never
+    cross a window boundary, nor a batch boundary. attention="vq" only (see
+    `carries_state`): ValueError otherwise.
+
+    Returns:
+      (TrainState, attention state after the batch, metrics as `train_step`).
+    """
+    check_train_config(config)
+    if not carries_state(config):
+        raise ValueError(
+            "carrying the attention state across batches needs attention='vq' "
+            f"(a fixed-size state), got attention={config.attention!r}: its "
+            "key/value buffer holds one sequence, so use train_step"
+        )
+    # The model checks the state against the batch (shapes, dtypes, structure).
+    return _train_windows(config, tx, state, attn_state, batch, rng)
+
+
+def _train_windows(config, tx, state, attn_state, batch, rng):
+    """The scan over the update windows of one batch, from attn_state."""
     batch = check_batch(batch, config.sequence_len)
     b = batch["inputs"].shape[0]
     u = config.update_len
@@ -272,11 +349,10 @@ def train_step(
         new_attn_state = jax.tree.map(sg, out["attn_state"])
         return (new_train_state, new_attn_state, rng), metrics
 
-    attn_state = Transformer.initial_state(config, b, config.sequence_len)
-    (state, _, _), metrics = jax.lax.scan(
+    (state, attn_state, _), metrics = jax.lax.scan(
         window_step, (state, attn_state, rng), windows
     )
-    return state, metrics
+    return state, attn_state, metrics
 
 
 def replicate(tree, mesh: Mesh):
@@ -309,17 +385,60 @@ def shard_batch(batch: dict, mesh: Mesh, axis: str = "data") -> dict:
     return out
 
 
-def make_train_step(config: TransformerConfig, mesh: Mesh, axis: str = "data"):
+def state_sharding(state, mesh: Mesh, axis: str = "data"):
+    """Shardings of an attention state: rows split over `axis`, scalars replicated."""
+    return jax.tree.map(
+        lambda x: NamedSharding(mesh, P(axis) if np.ndim(x) else P()), state
+    )
+
+
+def shard_state(state, mesh: Mesh, axis: str = "data"):
+    """Global attention state from this process's rows (see `shard_batch`)."""
+    n_process = jax.process_count()
+
+    def put(x, sharding):
+        x = np.asarray(x)
+        if not x.ndim:
+            return jax.make_array_from_process_local_data(sharding, x)
+        shape = (x.shape[0] * n_process, *x.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, x, shape)
+
+    return jax.tree.map(put, state, state_sharding(state, mesh, axis))
+
+
+def make_train_step(
+    config: TransformerConfig, mesh: Mesh, axis: str = "data", carry: bool = False
+):
     """`train_step` jit-compiled on a mesh: batch split over `axis`, rest replicated.
 
     Returns step(state, batch, rng_data) -> (state, metrics), taking global
     arrays laid out by `replicate` (state; rng_data, the uint32 key data of
     `jax.random.key_data`) and `shard_batch` (batch); the old state's buffers
-    are donated.
+    are donated. With carry=True it is `train_step_carry`:
+    step(state, attn_state, batch, rng_data) -> (state, attn_state, metrics),
+    the attention state split over `axis` by rows (`shard_state`).
     """
     check_train_config(config)
     tx = make_optimizer(config)
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
+    if carry:
+        if not carries_state(config):
+            raise ValueError(
+                "carry=True needs attention='vq', got "
+                f"attention={config.attention!r} (see train_step_carry)"
+            )
+        attn = state_sharding(Transformer.initial_state(config, 1), mesh, axis)
+
+        def step_carry(state, attn_state, batch, rng_data):
+            rng = jax.random.wrap_key_data(rng_data)
+            return train_step_carry(config, tx, state, attn_state, batch, rng)
+
+        return jax.jit(
+            step_carry,
+            in_shardings=(repl, attn, data, repl),
+            out_shardings=(repl, attn, repl),
+            donate_argnums=(0, 1),
+        )
 
     def step(state, batch, rng_data):
         rng = jax.random.wrap_key_data(rng_data)
@@ -333,8 +452,12 @@ def make_train_step(config: TransformerConfig, mesh: Mesh, axis: str = "data"):
     )
 
 
-def progress_bar(total: int | None, desc: str, enable: bool):
-    """A tqdm bar on stdout (widget in Jupyter with ipywidgets, else text)."""
+def progress_bar(total: int | None, desc: str, enable: bool, unit: str = "it"):
+    """A tqdm bar on stdout (widget in Jupyter with ipywidgets, else text).
+
+    unit names what `update` counts; a unit other than "it" is shown with
+    k/M prefixes (e.g. 12.3ktok/s).
+    """
     return tqdm(
         total=total,
         desc=desc,
@@ -342,6 +465,8 @@ def progress_bar(total: int | None, desc: str, enable: bool):
         file=sys.stdout,
         mininterval=1.0,
         dynamic_ncols=True,
+        unit=unit,
+        unit_scale=unit != "it",
     )
 
 
@@ -397,24 +522,28 @@ def train(
     return state, {k: np.concatenate([h[k] for h in history]) for k in names}
 
 
-def eval_step(config: TransformerConfig, params, batch: dict) -> dict:
+def eval_step(config: TransformerConfig, params, batch: dict, state=None) -> dict:
     """Log-likelihood and correctness at every position, without training.
 
     The whole sequence runs in one call with is_train false (no update windows
     are needed without gradients; the attention state still flows block to
-    block). Returns nll [B, L] (negative log-probability of each target) and
-    correct [B, L] bool (argmax equals the target, at loss_mask positions).
+    block), from `state` (default: a fresh one, with a dense key/value buffer
+    of the batch's length). Returns nll [B, L] (negative log-probability of
+    each target), correct [B, L] bool (argmax equals the target, at loss_mask
+    positions) and attn_state, the state after the batch.
     """
     config = config.replace(is_train=False)
     batch = check_batch(batch)
     b, length = batch["inputs"].shape
-    state = Transformer.initial_state(config, b, length)
+    if state is None:
+        state = Transformer.initial_state(config, b, length)
     out = Transformer(config).apply({"params": params}, batch["inputs"], state)
     logprobs = out["logprobs"]
     nll = -jnp.take_along_axis(logprobs, batch["targets"][..., None], axis=-1)[..., 0]
     return dict(
         nll=nll,
         correct=masked_accuracy(logprobs, batch["targets"], batch["loss_mask"]),
+        attn_state=out["attn_state"],
     )
 
 
