@@ -11,17 +11,21 @@ each term from the logprobs, the mask and the quantizer inputs alone.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import brute_nearest
-from tiny_model import init_params, random_mask, random_tokens, tiny_config, vq_spec
+from tiny_model import (
+    init_params,
+    quantizer_inputs,
+    random_mask,
+    random_tokens,
+    tiny_config,
+)
 
 import tvq
 from tvq.model import loss_fn
-from tvq.vq import LearnableVQ
 
 B, P, N = 3, 8, 7
 
@@ -101,40 +105,6 @@ def test_nothing_counted_gives_zero_lm_terms():
     )
 
 
-def quantizer_inputs(config, params, tokens, mask):
-    """Model outputs and, for every GAU, (its keys [B, H, P, K], its codebook)."""
-    paths = []
-
-    def forward(params, tokens, mask):
-        keys = []
-
-        def record(next_fun, args, kwargs, context):
-            if isinstance(context.module, LearnableVQ) and (
-                context.method_name == "__call__"
-            ):
-                paths.append(context.module.path)
-                keys.append(args[0])
-            return next_fun(*args, **kwargs)
-
-        state = tvq.Transformer.initial_state(config, *tokens.shape)
-        with nn.intercept_methods(record):
-            out = tvq.Transformer(config).apply(
-                {"params": params}, tokens, state, vq_spec(mask)
-            )
-        return out, keys
-
-    out, keys = jax.jit(forward)(params, tokens, mask)
-    found = []
-    for path, k in zip(paths, keys, strict=True):
-        quantizer = params
-        for name in path:
-            quantizer = quantizer[name]
-        c_sum = np.asarray(quantizer["c_sum"])
-        c_count = np.asarray(quantizer["c_count"])
-        found.append((np.asarray(k), c_sum / np.maximum(c_count, 0.01)[..., None]))
-    return out, found
-
-
 @pytest.mark.parametrize("n_layer", [1, 2])
 def test_model_commit_loss_is_the_sum_over_gaus(n_layer):
     """l_commit = sum over GAUs of mean over (b, l) of mask * sum_h |k - c(k)|^2."""
@@ -145,7 +115,7 @@ def test_model_commit_loss_is_the_sum_over_gaus(n_layer):
     out, gaus = quantizer_inputs(config, params, tokens, mask)
     assert len(gaus) == 2 * n_layer
     per_gau = []
-    for keys, codebook in gaus:
+    for _, keys, codebook in gaus:
         _, dist2 = brute_nearest(keys, codebook)  # [B, H, L]
         per_gau.append(np.mean(mask * np.sum(dist2, axis=1)))
     assert min(per_gau) > 0

@@ -5,11 +5,13 @@ Not collected by pytest (no test_ prefix); the test modules import it.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import tvq
+from tvq.vq import LearnableVQ
 
 TINY = dict(
     n_vocab=13, d_model=16, d_k=4, d_v=6, n_head=2, n_code=5, n_layer=2,
@@ -53,3 +55,40 @@ def random_mask(seed: int, shape, keep: float = 0.7) -> np.ndarray:
     mask.flat[0] = False  # at least one masked and one counted position
     mask.flat[-1] = True
     return mask.astype(np.int32)
+
+
+def quantizer_inputs(config, params, tokens, mask):
+    """Model outputs and, for every GAU, (the path of its quantizer, its keys
+    [B, H, P, K], its codebook [H, S, K]); keys recorded with an interceptor."""
+    paths = []
+
+    def forward(params, tokens, mask):
+        keys = []
+
+        def record(next_fun, args, kwargs, context):
+            if isinstance(context.module, LearnableVQ) and (
+                context.method_name == "__call__"
+            ):
+                paths.append(context.module.path)
+                keys.append(args[0])
+            return next_fun(*args, **kwargs)
+
+        state = tvq.Transformer.initial_state(config, *tokens.shape)
+        with nn.intercept_methods(record):
+            out = tvq.Transformer(config).apply(
+                {"params": params}, tokens, state, vq_spec(mask)
+            )
+        return out, keys
+
+    out, keys = jax.jit(forward)(params, tokens, mask)
+    found = []
+    for path, k in zip(paths, keys, strict=True):
+        quantizer = params
+        for name in path:
+            quantizer = quantizer[name]
+        c_sum = np.asarray(quantizer["c_sum"])
+        c_count = np.asarray(quantizer["c_count"])
+        found.append(
+            (path, np.asarray(k), c_sum / np.maximum(c_count, 0.01)[..., None])
+        )
+    return out, found
