@@ -29,9 +29,11 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -284,10 +286,54 @@ def apply(mutant: Mutant, tree: Path) -> str | None:
     return None
 
 
-def environment() -> dict:
+def environment(cache: Path | None = None) -> dict:
+    """The caller's environment; JAX's persistent compilation cache in `cache`.
+
+    The cache is keyed by the compiled program, so a mutant only recompiles
+    what its change reaches; everything else is read back.
+    """
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     env.pop("PYTHONPATH", None)  # `import tvq` must find the copy's tvq
+    if cache is not None:
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=str(cache),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
     return env
+
+
+RUNNING: set = set()  # pytest processes in flight, killed on an interrupt
+RUNNING_LOCK = threading.Lock()
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """Kill pytest and everything it started (its own process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_tests(python, tests, tree, timeout, cache) -> tuple[int, str]:
+    """pytest on `tests` in `tree`: (exit code, output)."""
+    proc = subprocess.Popen(
+        [python, *PYTEST, *tests], cwd=tree, env=environment(cache),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    with RUNNING_LOCK:
+        RUNNING.add(proc)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill(proc)
+        raise
+    finally:
+        with RUNNING_LOCK:
+            RUNNING.discard(proc)
+    return proc.returncode, output
 
 
 def first_failure(output: str) -> str:
@@ -307,6 +353,7 @@ def run_mutant(
     timeout: float,
     stale_only: bool,
     logs: Path | None = None,
+    cache: Path | None = None,
 ) -> Result:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"mut-{mutant.id}-") as tmp:
@@ -322,10 +369,7 @@ def run_mutant(
         if not tests:
             return Result(mutant, "no tests", "", [], missing, 0.0)
         try:
-            proc = subprocess.run(
-                [python, *PYTEST, *tests], cwd=tree, env=environment(),
-                capture_output=True, text=True, timeout=timeout,
-            )  # fmt: skip
+            returncode, output = run_tests(python, tests, tree, timeout, cache)
         except subprocess.TimeoutExpired:
             seconds = time.perf_counter() - start
             return Result(
@@ -333,16 +377,13 @@ def run_mutant(
             )
         seconds = time.perf_counter() - start
         if logs is not None:
-            log = f"$ {' '.join([python, *PYTEST, *tests])}\n{proc.stdout}{proc.stderr}"
+            log = f"$ {' '.join([python, *PYTEST, *tests])}\n{output}"
             (logs / f"{mutant.id}.log").write_text(log)
-        if proc.returncode == 0:
+        if returncode == 0:
             return Result(mutant, "SURVIVED", "", tests, missing, seconds)
-        if proc.returncode == 5:
+        if returncode == 5:
             return Result(mutant, "no tests", "collected none", tests, missing, seconds)
-        return Result(
-            mutant, "caught", first_failure(proc.stdout + proc.stderr), tests,
-            missing, seconds,
-        )  # fmt: skip
+        return Result(mutant, "caught", first_failure(output), tests, missing, seconds)
 
 
 def check_copy_is_tested(pristine: Path, python: str) -> None:
@@ -400,13 +441,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
     parser.add_argument("--title", default=None, help="heading of the table")
     parser.add_argument("--jobs", type=int, default=1, help="mutants in parallel")
-    parser.add_argument("--timeout", type=float, default=1800, help="s per mutant")
+    parser.add_argument("--timeout", type=float, default=3600, help="s per mutant")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument(
         "--stale-only", action="store_true", help="apply each mutant, run no tests"
     )
     parser.add_argument("--list", action="store_true", help="print the mutants")
     parser.add_argument("--logs", type=Path, help="save each mutant's pytest output")
+    parser.add_argument(
+        "--compile-cache",
+        type=Path,
+        help="JAX compilation cache shared by the mutants (default: a fresh "
+        "temporary one; 'none' for no cache)",
+    )
     args = parser.parse_args()
     mutants = [m for m in MUTANTS if not args.only or m.id in args.only]
     if args.logs is not None:
@@ -417,25 +464,25 @@ def main() -> None:
         for m in mutants:
             print(f"{m.id}  {m.file}: {m.description}\n  - {m.old}\n  + {m.new}")
         return
+    # SIGTERM unwinds like Ctrl-C, so running pytest process groups are killed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="mut-pristine-") as tmp:
         pristine = Path(tmp) / "repo"
+        cache = args.compile_cache or Path(tmp) / "jax-cache"
+        cache = None if str(cache) == "none" else cache
         snapshot(args.rev, pristine)
         if not args.stale_only:
             check_copy_is_tested(pristine, args.python)
         results = []
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            futures = [
-                pool.submit(
-                    run_mutant,
-                    m,
-                    pristine,
-                    args.python,
-                    args.timeout,
-                    args.stale_only,
-                    args.logs,
-                )  # fmt: skip
-                for m in mutants
-            ]
+        pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
+        futures = [
+            pool.submit(
+                run_mutant, m, pristine, args.python, args.timeout, args.stale_only,
+                args.logs, cache,
+            )
+            for m in mutants
+        ]  # fmt: skip
+        try:
             for future in futures:
                 result = future.result()
                 results.append(result)
@@ -444,6 +491,13 @@ def main() -> None:
                     f"({result.seconds:.0f} s)",
                     flush=True,
                 )
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            with RUNNING_LOCK:
+                for proc in list(RUNNING):
+                    kill(proc)
+            raise
+        pool.shutdown()
     title = args.title or f"Mutation check of {args.rev or 'the work tree'}"
     text = table(results, title)
     print(text)
