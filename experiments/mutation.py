@@ -182,7 +182,7 @@ MUTANTS = [
     # --------------------------------------------------- batch field default
     M("M28", "tvq/train.py", "codebook_mask defaults to all ones",
       'value = batch.get(name, batch["loss_mask"])',
-      'value = batch.get(name, np.ones_like(batch["loss_mask"]))',
+      'value = batch.get(name, jnp.ones_like(batch["loss_mask"]))',
       DEFAULTS + TRAIN),
     M("M29", "tvq/train.py", "codebook statistics count loss_mask, not codebook_mask",
       'spec = window_spec(config, window["codebook_mask"])',
