@@ -77,11 +77,12 @@ def test_with_grad_thru_cache_gradient_reaches_window_and_cache():
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "stop"))
-def second_call_grads(config, params, first, second, mask, stop):
-    """Gradient of call 2's loss after call 1; call 1's state constant if stop."""
+@functools.partial(jax.jit, static_argnames="config")
+def second_call_grads(config, params, first, second, mask):
+    """Gradients of call 2's loss after call 1: through call 1's state, and
+    with that state held constant."""
 
-    def loss(params):
+    def loss(params, stop):
         model = tvq.Transformer(config)
         state = tvq.Transformer.initial_state(config, B, 4 * T)
         spec = vq_spec(mask)
@@ -91,7 +92,7 @@ def second_call_grads(config, params, first, second, mask, stop):
         out = model.apply({"params": params}, second, state, spec)
         return loss_fn(out, jnp.roll(second, -1, 1), mask, config)["loss"]
 
-    return jax.grad(loss)(params)
+    return jax.grad(loss)(params, False), jax.grad(loss)(params, True)
 
 
 @pytest.mark.parametrize("attention", ["vq", "dense"])
@@ -106,8 +107,9 @@ def test_state_returned_by_a_call_carries_no_gradient(attention, thru):
     params = init_params(config)
     tokens = jnp.asarray(random_tokens(0, (B, 4 * T), config.n_vocab))
     mask = jnp.asarray(random_mask(1, (B, 2 * T)))
-    args = (config, params, tokens[:, : 2 * T], tokens[:, 2 * T :], mask)
-    carried, constant = (second_call_grads(*args, stop=stop) for stop in (False, True))
+    carried, constant = second_call_grads(
+        config, params, tokens[:, : 2 * T], tokens[:, 2 * T :], mask
+    )
     pairs = zip(jax.tree.leaves(carried), jax.tree.leaves(constant), strict=True)
     diff = max(float(np.max(np.abs(a - b))) for a, b in pairs)
     if thru:
