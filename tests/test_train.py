@@ -7,6 +7,7 @@ the truncated gradient by differentiating one window with a frozen state.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -124,14 +125,12 @@ def test_optimizer_matches_adamw_by_hand():
 
 def captured_keys(config, params, inputs, state):
     """[G] list of each GAU's keys [B, H, P, K], from the k_ln outputs."""
-    _, inter = Transformer(config).apply(
-        {"params": params},
-        inputs,
-        state,
-        None,
+    apply = functools.partial(
+        Transformer(config).apply,
         capture_intermediates=lambda mdl, _: mdl.name == "k_ln",
         mutable=["intermediates"],
     )
+    _, inter = jax.jit(apply)({"params": params}, inputs, state, None)
     keys = []
     for layer in range(config.n_layer):
         for attn in ("attn1", "attn2"):
@@ -180,6 +179,7 @@ def frozen_config(**overrides):
     return small_config(lr_max=0.0, wd_lam=0.0, c_gamma=1.0, **overrides)
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def window_loss(config, params, window, state):
     """Training loss of one window, and the state after it."""
     spec = tt.window_spec(config, jnp.asarray(window["codebook_mask"]))
@@ -200,10 +200,8 @@ def test_state_is_carried_from_window_to_window(attention):
     batch = random_batch(2)
     changed = dict(batch, inputs=batch["inputs"].copy())
     changed["inputs"][:, :8] = (changed["inputs"][:, :8] + 1) % config.n_vocab
-    losses = [
-        tt.train_step(config, tx, state, b, jax.random.key(0))[1]["loss"]
-        for b in (batch, changed)
-    ]
+    step = jax.jit(functools.partial(tt.train_step, config, tx))  # one compile
+    losses = [step(state, b, jax.random.key(0))[1]["loss"] for b in (batch, changed)]
     # Frozen parameters: the second window differs only through the state.
     assert abs(float(losses[0][1] - losses[1][1])) > 1e-4
     # And it is the loss of window 2 after window 1's state, computed by hand.
@@ -249,8 +247,8 @@ def test_no_gradient_crosses_a_window_boundary():
 # ---------------------------------------------------------- data parallel
 
 
-def run_steps(config, mesh, batches, seed=0):
-    state = tt.replicate(tt.init_train_state(config, jax.random.key(seed)), mesh)
+def run_steps(config, mesh, batches, start, seed=0):
+    state = tt.replicate(jax.tree.map(np.array, start), mesh)  # a fresh copy
     step = tt.make_train_step(config, mesh)
     rng = tt.replicate(jax.random.key_data(jax.random.key(seed)), mesh)
     for batch in batches:
@@ -262,15 +260,15 @@ def run_steps(config, mesh, batches, seed=0):
 def test_eight_devices_give_the_one_device_step(attention):
     config = small_config(attention=attention)
     batches = [random_batch(s, b=16) for s in range(3)]
-    one = run_steps(config, tvq.make_data_mesh(1), batches)
-    eight = run_steps(config, tvq.make_data_mesh(8), batches)
+    start = tt.init_train_state(config, jax.random.key(0))
+    one = run_steps(config, tvq.make_data_mesh(1), batches, start)
+    eight = run_steps(config, tvq.make_data_mesh(8), batches, start)
     assert jax.tree.leaves(one)[0].dtype == np.float32
     err = max_abs_diff(one, eight)
     print(f"{attention}: max |params 8 devices - 1 device| after 6 steps = {err:.2e}")
     assert err < 1e-5
     # The steps moved the parameters far more than that.
-    start = tt.init_train_state(config, jax.random.key(0)).params
-    assert max_abs_diff(one, start) > 1e-3
+    assert max_abs_diff(one, start.params) > 1e-3
 
 
 # ------------------------------------------------------ training and eval
@@ -305,10 +303,11 @@ def test_evaluate_is_the_mean_over_counted_positions():
     batches = [random_batch(s) for s in (5, 6)]
     got = tt.evaluate(config, params, batches)
     eval_config = config.replace(is_train=False)
+    apply = jax.jit(Transformer(eval_config).apply)
     nll, right, n = 0.0, 0, 0
     for b in batches:
         state = Transformer.initial_state(eval_config, 8, 16)
-        out = Transformer(eval_config).apply({"params": params}, b["inputs"], state)
+        out = apply({"params": params}, b["inputs"], state)
         lp = np.asarray(out["logprobs"], np.float64)
         for i, t in zip(*np.nonzero(b["loss_mask"]), strict=True):
             nll -= lp[i, t, b["targets"][i, t]]
