@@ -30,9 +30,64 @@ def is_low(dtype) -> bool:
     return dtype is not None and jnp.finfo(dtype).bits < 32
 
 
+def product(spec: str, a, b):
+    """jnp.einsum(spec, a, b) summed in float32, for low-precision a and b.
+
+    XLA's CPU backend runs a bf16 product fast (AMX, AVX512-BF16) when the
+    left operand's contracted axes are its last ones, and at float32 speed or
+    below when they lead, as in every weight gradient x^T dy. Such a left
+    operand is laid out again first (`transposed`), or the operands trade
+    places when that suffices.
+    """
+    spec_a, spec_b, spec_c = parse(spec)
+    summed = [i for i in spec_a if i in spec_b and i not in spec_c]
+    if summed and not trailing(spec_a, summed):
+        if trailing(spec_b, summed):
+            a, b, spec_a, spec_b = b, a, spec_b, spec_a
+        else:
+            kept = [i for i in spec_a if i not in summed]
+            a = transposed(a, spec_a, "".join(kept + summed))
+            spec_a = "".join(kept + summed)
+    out = f"{spec_a},{spec_b}->{spec_c}"
+    return jnp.einsum(out, a, b, preferred_element_type=jnp.float32)
+
+
+def parse(spec):
+    """ "ab,bc->ac" -> ("ab", "bc", "ac")."""
+    inputs, out = spec.split("->")
+    spec_a, spec_b = inputs.split(",")
+    return spec_a, spec_b, out
+
+
+def trailing(spec, axes):
+    """Whether `axes` are the last len(axes) letters of `spec`."""
+    return set(spec[len(spec) - len(axes) :]) == set(axes)
+
+
+def transposed(x, spec, target):
+    """x (axes named by `spec`) with its axes in the order `target`, written
+    out in that order in memory.
+
+    A plain transpose feeding a product is folded into the product by XLA
+    (the operand is read strided, slowly); splitting the first moved axis in
+    two and merging it back after the transpose makes a real copy.
+    """
+    moved = next(i for i, (s, t) in enumerate(zip(spec, target, strict=True)) if s != t)
+    n = x.shape[moved]
+    split = next(f for f in (64, 32, 16, 8, 4, 2, 1) if n % f == 0)
+    shape = (*x.shape[:moved], n // split, split, *x.shape[moved + 1 :])
+    axes = [spec.index(i) for i in target]
+    # Axis k of x is axis k (or k, k + 1 for the split one) of the reshape.
+    order = []
+    for k in axes:
+        order += [k, k + 1] if k == moved else [k + (k > moved)]
+    out = jnp.transpose(x.reshape(shape), order)
+    return out.reshape([x.shape[k] for k in axes])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _low_einsum(spec, a, b):
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return product(spec, a, b)
 
 
 def _low_einsum_fwd(spec, a, b):
@@ -43,11 +98,10 @@ def _low_einsum_bwd(spec, residuals, ct):
     # For "A,B->C" (every index of A in B or C, as in matmuls): dA = dC.B
     # summed as "C,B->A", dB = A.dC as "A,C->B"; both products low precision.
     a, b = residuals
-    (spec_a, spec_b), spec_c = spec.split("->")[0].split(","), spec.split("->")[1]
+    spec_a, spec_b, spec_c = parse(spec)
     ct = ct.astype(a.dtype)
-    f32 = dict(preferred_element_type=jnp.float32)
-    d_a = jnp.einsum(f"{spec_c},{spec_b}->{spec_a}", ct, b, **f32)
-    d_b = jnp.einsum(f"{spec_a},{spec_c}->{spec_b}", a, ct, **f32)
+    d_a = product(f"{spec_c},{spec_b}->{spec_a}", ct, b)
+    d_b = product(f"{spec_a},{spec_c}->{spec_b}", a, ct)
     return d_a.astype(a.dtype), d_b.astype(b.dtype)
 
 
@@ -79,6 +133,8 @@ def dot_general(dtype):
                 "tvq.precision.dot_general handles x @ kernel only, got "
                 f"dimension_numbers {dimension_numbers}"
             )
-        return einsum("...i,ij->...j", lhs, rhs, dtype)
+        rows = lhs.reshape(-1, lhs.shape[-1])
+        out = einsum("ni,ij->nj", rows, rhs, dtype)
+        return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
 
     return dot
