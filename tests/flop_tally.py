@@ -21,10 +21,15 @@ CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 def matmul_flops(fn, *args) -> int:
     """Matmul FLOPs of fn(*args), loops run to their real trip counts."""
+    return sum(matmul_flops_by_dtype(fn, *args).values())
+
+
+def matmul_flops_by_dtype(fn, *args) -> dict[str, int]:
+    """Matmul FLOPs of fn(*args) by the dtype of the products' inputs."""
     closed = jax.make_jaxpr(fn)(*args)
-    counter = [0]
+    counter = {}
     run(closed.jaxpr, closed.consts, jax.tree.leaves(args), counter)
-    return counter[0]
+    return counter
 
 
 def dot_flops(eqn, lhs, rhs) -> int:
@@ -45,7 +50,8 @@ def run(jaxpr, consts, args, counter):
         invals = [read(v) for v in eqn.invars]
         name = eqn.primitive.name
         if name == "dot_general":
-            counter[0] += dot_flops(eqn, *invals)
+            dtype = "/".join(sorted({str(np.asarray(x).dtype) for x in invals}))
+            counter[dtype] = counter.get(dtype, 0) + dot_flops(eqn, *invals)
             outs = eqn.primitive.bind(*invals, **eqn.params)
         elif name == "scan":
             outs = run_scan(eqn.params, invals, counter)

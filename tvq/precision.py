@@ -91,21 +91,27 @@ def _low_einsum(spec, a, b):
 
 
 def _low_einsum_fwd(spec, a, b):
-    return _low_einsum(spec, a, b), (a, b)
+    # With symbolic zeros, a.perturbed says whether a needs a cotangent: none
+    # is computed for constants (the codebook, the sinusoid table).
+    flags = tuple(() if x.perturbed else None for x in (a, b))
+    return _low_einsum(spec, a.value, b.value), (a.value, b.value, flags)
 
 
 def _low_einsum_bwd(spec, residuals, ct):
     # For "A,B->C" (every index of A in B or C, as in matmuls): dA = dC.B
     # summed as "C,B->A", dB = A.dC as "A,C->B"; both products low precision.
-    a, b = residuals
+    a, b, (needs_a, needs_b) = residuals
     spec_a, spec_b, spec_c = parse(spec)
     ct = ct.astype(a.dtype)
-    d_a = product(f"{spec_c},{spec_b}->{spec_a}", ct, b)
-    d_b = product(f"{spec_a},{spec_c}->{spec_b}", a, ct)
-    return d_a.astype(a.dtype), d_b.astype(b.dtype)
+    d_a = d_b = None
+    if needs_a is not None:
+        d_a = product(f"{spec_c},{spec_b}->{spec_a}", ct, b).astype(a.dtype)
+    if needs_b is not None:
+        d_b = product(f"{spec_a},{spec_c}->{spec_b}", a, ct).astype(b.dtype)
+    return d_a, d_b
 
 
-_low_einsum.defvjp(_low_einsum_fwd, _low_einsum_bwd)
+_low_einsum.defvjp(_low_einsum_fwd, _low_einsum_bwd, symbolic_zeros=True)
 
 
 def einsum(spec: str, a, b, dtype=None):
