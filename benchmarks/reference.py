@@ -159,7 +159,9 @@ def main(argv=None):
         state = tvq.Transformer.initial_state(config, 1, max_len=0)
         params = tvq.Transformer(config).init(jax.random.key(1), inputs, state, spec)
         rparams = reference_params(params)
-        variants = {"reference": (ref_grad(ref, config, inputs, targets, mask), rparams)}
+        variants = {
+            "reference": (ref_grad(ref, config, inputs, targets, mask), rparams)
+        }
         variants["tvq"] = (tvq_grad(config, inputs, targets, mask, spec), params)
         if args.bf16:
             bf16 = config.replace(dtype=jnp.dtype("bfloat16"))

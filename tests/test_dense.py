@@ -316,3 +316,25 @@ def test_bad_input(change, match):
     (q, k, v, q_pos, r), state = make_case(8, 24, 4, kwargs.pop("n_buffer"))
     with pytest.raises(ValueError, match=match):
         dense_attention(q, k, v, state, mem_len=4, q_pos=q_pos, r=r, **kwargs)
+
+
+def test_without_relative_terms():
+    """q_pos = r = None: plain causal attention, the reference's with r = 0;
+    the FLOP counts drop the relative products."""
+    length, t, m, c = 24, 4, 5, 3
+    (q, k, v, q_pos, r), state = make_case(9, length, m)
+    want = numpy_reference(q, k, v, q_pos, 0 * r, state)
+    got, _ = dense_attention(
+        q, k, v, state, block_len=t, mem_len=m, q_pos=None, r=None, chunk_len=c
+    )
+    full_out, _ = dense_full_attention(q, k, v, state, mem_len=m, q_pos=None, r=None)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(full_out, want, rtol=1e-12, atol=1e-12)
+
+    def run(q, k, v):
+        return dense_attention(
+            q, k, v, state, block_len=t, mem_len=m, q_pos=None, r=None, chunk_len=c
+        )[0]
+
+    count = dense_attention_flops(length, t, m, K, V, c, relative=False)
+    assert matmul_flops(run, q, k, v) == B * H * count

@@ -241,7 +241,8 @@ def window_block(q, k, v, xl_k, xl_v, pos, q_pos, r, dtype):
     vals = jnp.concatenate([xl_v, v], axis=2)
     keep, _ = window_masks(block_len, mem_len, pos, agg_cache=True)
     scores = einsum("bhtk,bhwk->bhtw", q, keys, dtype)
-    scores = scores + relative_scores(q_pos, r, dtype)
+    if q_pos is not None:
+        scores = scores + relative_scores(q_pos, r, dtype)
     scores = jnp.where(keep, scores, -MASK)
     m = sg(jnp.max(scores, axis=-1))
     p = jnp.exp(scores - m[..., None])
@@ -267,7 +268,9 @@ def window_attention(q, k, v, xl_k, xl_v, start, q_pos, r, block_len, dtype):
         xl_v = jnp.concatenate([xl_v, v_b], axis=2)[:, :, block_len:]
         return (xl_k, xl_v, pos + block_len), out
 
-    blocks = tuple(to_blocks(x, block_len) for x in (q, k, v, q_pos))
+    blocks = tuple(
+        None if x is None else to_blocks(x, block_len) for x in (q, k, v, q_pos)
+    )
     _, (out, lse) = jax.lax.scan(step, (xl_k, xl_v, start), blocks)
     return from_blocks(out), from_blocks(lse)
 
@@ -334,7 +337,8 @@ def dense_attention(
       q, k, q_pos: [B, H, P, K]; v: [B, H, P, V]; P a multiple of block_len.
       state: pos_offset, k [B, H, N, K], v [B, H, N, V] (N = 0: no buffer;
         else pos_offset + P <= N).
-      block_len: T; mem_len: M; r: [H, M + 1, K]; chunk_len: C, keys per step
+      block_len: T; mem_len: M; q_pos, r: [B, H, P, K] and [H, M + 1, K], the
+        relative terms (None: none); chunk_len: C, keys per step
         of the far part; dtype: the products' input dtype (bfloat16 for mixed
         precision; None: the inputs'), softmax in float32 at least.
 
@@ -368,8 +372,9 @@ def dense_full_attention(q, k, v, state, *, mem_len, q_pos, r, dtype=None):
 
     Args:
       q, k, q_pos: [B, H, P, K]; v: [B, H, P, V]; state: pos_offset, k
-      [B, H, N, K], v [B, H, N, V]; r: [H, M + 1, K]; dtype: the products'
-      input dtype (None: the inputs'), softmax in float32 at least.
+      [B, H, N, K], v [B, H, N, V]; r: [H, M + 1, K] (q_pos and r None: no
+      relative terms); dtype: the products' input dtype (None: the inputs'),
+      softmax in float32 at least.
 
     Returns:
       ([B, H, P, V] output, new state).
@@ -381,12 +386,14 @@ def dense_full_attention(q, k, v, state, *, mem_len, q_pos, r, dtype=None):
     k_at = jnp.arange(keys.shape[2])
     # Relative terms in window columns: keys at positions start - M .. start
     # + P - 1, placed at their positions in the buffer.
-    rel = relative_scores(q_pos, r, dtype)  # [B, H, P, M + P]
-    if state["k"].shape[2] > 0:
-        zero = jnp.zeros_like(start)
-        wide = jnp.zeros([*rel.shape[:3], mem_len + keys.shape[2]], rel.dtype)
-        rel = jax.lax.dynamic_update_slice(wide, rel, (zero, zero, zero, start))
-    scores = einsum("bhpk,bhnk->bhpn", q, keys, dtype) + rel[..., mem_len:]
+    scores = einsum("bhpk,bhnk->bhpn", q, keys, dtype)
+    if q_pos is not None:
+        rel = relative_scores(q_pos, r, dtype)  # [B, H, P, M + P]
+        if state["k"].shape[2] > 0:
+            zero = jnp.zeros_like(start)
+            wide = jnp.zeros([*rel.shape[:3], mem_len + keys.shape[2]], rel.dtype)
+            rel = jax.lax.dynamic_update_slice(wide, rel, (zero, zero, zero, start))
+        scores = scores + rel[..., mem_len:]
     causal = q_at[:, None] >= k_at[None, :]  # [P, N]
     scores = jnp.where(causal, scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1)
@@ -406,6 +413,7 @@ def dense_attention_flops(
     chunk_len: int = CHUNK_LEN,
     start: int = 0,
     n_keys: int | None = None,
+    relative: bool = True,
 ) -> int:
     """Matmul FLOPs of `dense_attention`'s forward pass, one batch element and
     one head, for a call of `length` queries from buffer position `start` in a
@@ -413,7 +421,8 @@ def dense_attention_flops(
     length, start 0).
 
     Each block of T queries: 2 T (M + T) (K + V) for its window and
-    2 T (M + 1) K for the relative terms (`relative_scores`), plus
+    2 T (M + 1) K for the relative terms (`relative_scores`; none without
+    them, relative=False), plus
     2 T C (K + V) per chunk of C far keys, ceil((s - M) / C) chunks for a
     block starting at s (C = min(chunk_len, N)). Products against keys before
     position 0 (the first blocks' windows) are counted too: they are computed
@@ -426,16 +435,23 @@ def dense_attention_flops(
     for s in range(start, start + length, block_len):
         far = max(s - mem_len, 0)
         chunks = -(-far // c)
-        total += 2 * block_len * (w * (d_k + d_v) + (mem_len + 1) * d_k)
+        total += 2 * block_len * (w * (d_k + d_v) + relative * (mem_len + 1) * d_k)
         total += 2 * block_len * chunks * c * (d_k + d_v)
     return total
 
 
 def dense_full_attention_flops(
-    length: int, mem_len: int, d_k: int, d_v: int, n_keys: int | None = None
+    length: int,
+    mem_len: int,
+    d_k: int,
+    d_v: int,
+    n_keys: int | None = None,
+    relative: bool = True,
 ) -> int:
     """Matmul FLOPs of `dense_full_attention`'s forward pass, one batch element
     and one head: 2 P N (K + V) for the scores and the weighted sum over all
-    N keys (N = P without a buffer) and 2 P (M + 1) K for the relative terms."""
+    N keys (N = P without a buffer) and 2 P (M + 1) K for the relative terms
+    (none with relative=False)."""
     n = length if n_keys is None else n_keys
-    return 2 * length * n * (d_k + d_v) + 2 * length * (mem_len + 1) * d_k
+    rel = 2 * length * (mem_len + 1) * d_k if relative else 0
+    return 2 * length * n * (d_k + d_v) + rel
