@@ -1,18 +1,29 @@
-"""Wall time of dense causal attention and of `tvq.attention.vq_attention`.
+"""Wall time of exact causal attention, two ways, and of `vq_attention`.
 
-Both run jitted, side by side in one process, on float32 inputs with one head,
-K = V = 64, S = 512 codes and blocks of 512 positions, for L = 1k .. 32k. Each
-time is the best of --repeats runs after a warm-up run (for vq_attention and
-the matmul, the best over --rounds such passes through all lengths). The table
-and the CSV give the speed-up, the time per token, and the rate of vq_attention
-in GFLOP/s next to the rate of a plain matmul of the same FLOP count on the same
-machine.
+Three functions run jitted, side by side in one process, on float32 inputs
+with one head, K = V = 64, S = 512 codes and blocks of 512 positions, for
+L = 1k .. 32k:
 
-FLOPs of vq_attention (matmuls only, 2 M N K each; see `vq_attention_flops`):
-2 L (S K + (S + T) K + (S + T) (V + 1)). The reference matmul has the same
-shape of work: a scan over block-sized [T, K] x [K, S] products, as many as
-make up the same FLOP count (rounded up), summed into one [T, S] carry so that
-everything stays in cache, as the blocks of vq_attention do.
+- dense: `jax.nn.dot_product_attention(..., is_causal=True)`, the whole
+  L x L score matrix;
+- blockwise: `tvq.dense.dense_attention` with no relative terms and M = 0,
+  exact causal attention block by block (flash style, future blocks skipped);
+- vq: `tvq.attention.vq_attention`.
+
+Each time is the best of --repeats runs after a warm-up run (for vq, the
+blockwise form and the matmul, the best over --rounds such passes through all
+lengths). The table and the CSV give the speed-ups, the time per token, and
+each function's matmul FLOPs and rate in GFLOP/s, next to the rate of a plain
+matmul of vq's FLOP count and the machine's float32 and bf16 rates on a
+2048^3 matmul (`machine.py`), measured in the same run.
+
+FLOPs (matmuls only, 2 M N K each): vq, `vq_attention_flops`,
+2 L (S K + (S + T) (K + V)); blockwise, `dense_attention_flops`; dense,
+2 L^2 (K + V) (XLA computes the whole matrix, masked half included). The
+reference matmul has vq's shape of work: a scan over block-sized [T, K] x
+[K, S] products, as many as make up the same FLOP count (rounded up), summed
+into one [T, S] carry so that everything stays in cache, as the blocks of
+vq_attention do.
 
 Both functions run on one device. Forced host devices (the tests' and the
 book's setting, --xla_force_host_platform_device_count in XLA_FLAGS) slow XLA's
@@ -29,8 +40,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -40,8 +49,10 @@ import one_device  # noqa: F401  (drops forced devices before JAX starts)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from machine import cpu_summary, matmul_rates  # noqa: E402
 
 from tvq.attention import vq_attention, vq_attention_flops  # noqa: E402
+from tvq.dense import dense_attention, dense_attention_flops  # noqa: E402
 from tvq.vq import get_codewords, get_shortcodes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +67,14 @@ COLUMNS = [
     "vq_gflops",
     "matmul_gflops",
     "matmul_over_vq",
+    "blockwise_s",
+    "blockwise_speedup",
+    "dense_gflop",
+    "dense_gflops",
+    "blockwise_gflop",
+    "blockwise_gflops",
+    "machine_f32_gflops",
+    "machine_bf16_gflops",
 ]
 TARGETS = (
     "speed-up >= 10x at L = 8192",
@@ -129,24 +148,39 @@ def block_matmuls(a, b):
     return jax.lax.scan(step, total, a)[0]
 
 
+def blockwise(q, k, v, block_len):
+    """`tvq.dense.dense_attention`, no state, no window, no relative terms."""
+    empty = jnp.zeros([*q.shape[:2], 0, q.shape[3]], q.dtype)
+    state = dict(pos_offset=jnp.zeros([], jnp.int32), k=empty, v=empty)
+    out, _ = dense_attention(
+        q, k, v, state, block_len=block_len, mem_len=0, q_pos=None, r=None
+    )
+    return out
+
+
 def check_agreement(args, block_len):
-    """vq_attention equals dense attention over the quantized keys (sanity check)."""
+    """vq_attention equals dense attention over the quantized keys, and so
+    does the blockwise form (sanity checks)."""
     q, k, v, codebook = args
     k_hat = get_codewords(get_shortcodes(k, codebook)[0], codebook)
     got = vq_attention(q, k, v, codebook, block_len=block_len)
-    np.testing.assert_allclose(got, dense(q, k_hat, v), rtol=1e-4, atol=1e-4)
+    want = dense(q, k_hat, v)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(blockwise(q, k_hat, v, block_len), want, atol=1e-4)
 
 
 def run(opts):
     """Time every length; return one dict per length with the COLUMNS.
 
-    vq_attention and the matmul are timed for every length first, dense
-    attention after, so the gigabytes that dense attention allocates and frees
-    at long lengths do not disturb the much shorter vq timings.
+    vq_attention, the blockwise form and the matmul are timed for every
+    length first, dense attention after, so the gigabytes that dense attention
+    allocates and frees at long lengths do not disturb the shorter timings.
     """
     vq_fn = jax.jit(vq_attention, static_argnames="block_len")
+    blockwise_fn = jax.jit(blockwise, static_argnames="block_len")
     t, d, s = opts.block_len, opts.d, opts.codes
     mm_flop = 2 * t * d * s
+    rates = matmul_rates()
     lengths = []
     while opts.min_len * 2 ** len(lengths) <= opts.max_len:
         lengths.append(opts.min_len * 2 ** len(lengths))
@@ -154,8 +188,13 @@ def run(opts):
 
     flop, cases = {}, {}
     for length in lengths:
-        flop[length] = opts.heads * vq_attention_flops(length, s, t, d, d)
-        n_mm = math.ceil(flop[length] / mm_flop)
+        flop[length] = dict(
+            vq=opts.heads * vq_attention_flops(length, s, t, d, d),
+            blockwise=opts.heads
+            * dense_attention_flops(length, t, 0, d, d, relative=False),
+            dense=opts.heads * 2 * length * length * (d + d),
+        )
+        n_mm = math.ceil(flop[length]["vq"] / mm_flop)
         rng = np.random.default_rng(1)
         a = jnp.asarray(rng.standard_normal((n_mm, t, d), np.float32))
         b = jnp.asarray(rng.standard_normal((d, s), np.float32))
@@ -164,6 +203,7 @@ def run(opts):
     # Rounds over all lengths spread each length's runs out in time, so a
     # stretch of load from elsewhere on the machine cannot spoil all of them.
     vq_s = dict.fromkeys(lengths, math.inf)
+    blockwise_s = dict.fromkeys(lengths, math.inf)
     matmul_s = dict.fromkeys(lengths, math.inf)
     matmul_fn = jax.jit(block_matmuls)
     for round_ in range(opts.rounds):
@@ -173,9 +213,15 @@ def run(opts):
                 lambda *a: vq_fn(*a, block_len=t), vq_args, opts.repeats
             )
             vq_s[length] = min(vq_s[length], vq_time)
+            bw_time = best_time(
+                lambda q, k, v, _: blockwise_fn(q, k, v, block_len=t),
+                vq_args,
+                opts.repeats,
+            )
+            blockwise_s[length] = min(blockwise_s[length], bw_time)
             mm_time = best_time(matmul_fn, mm_args, opts.repeats)
             matmul_s[length] = min(matmul_s[length], mm_time)
-        print(f"round {round_ + 1}/{opts.rounds}: vq_attention and matmul timed")
+        print(f"round {round_ + 1}/{opts.rounds}: vq, blockwise and matmul timed")
     n_mm = {length: cases[length][2] for length in lengths}
     del cases
 
@@ -184,7 +230,8 @@ def run(opts):
         q, k, v, _ = make_inputs(length, opts.heads, d, s)
         dense_s = best_time(jax.jit(dense), (q, k, v), opts.repeats)
         del q, k, v
-        vq_rate = flop[length] / vq_s[length]
+        f = flop[length]
+        vq_rate = f["vq"] / vq_s[length]
         matmul_rate = n_mm[length] * mm_flop / matmul_s[length]
         rows.append(
             dict(
@@ -194,10 +241,18 @@ def run(opts):
                 speedup=dense_s / vq_s[length],
                 dense_us_per_token=1e6 * dense_s / length,
                 vq_us_per_token=1e6 * vq_s[length] / length,
-                vq_gflop=flop[length] / 1e9,
+                vq_gflop=f["vq"] / 1e9,
                 vq_gflops=vq_rate / 1e9,
                 matmul_gflops=matmul_rate / 1e9,
                 matmul_over_vq=matmul_rate / vq_rate,
+                blockwise_s=blockwise_s[length],
+                blockwise_speedup=blockwise_s[length] / vq_s[length],
+                dense_gflop=f["dense"] / 1e9,
+                dense_gflops=f["dense"] / dense_s / 1e9,
+                blockwise_gflop=f["blockwise"] / 1e9,
+                blockwise_gflops=f["blockwise"] / blockwise_s[length] / 1e9,
+                machine_f32_gflops=rates["float32"],
+                machine_bf16_gflops=rates["bfloat16"],
             )
         )
         print_row(rows[-1], header=len(rows) == 1)
@@ -208,15 +263,17 @@ def print_row(row, header):
     """One line of the table (and its header first)."""
     if header:
         print(
-            f"{'L':>6} {'dense ms':>9} {'vq ms':>8} {'speed-up':>8} "
-            f"{'vq us/tok':>9} {'vq GFLOP/s':>10} {'matmul GFLOP/s':>14} "
-            f"{'matmul/vq':>9}"
+            f"{'L':>6} {'dense ms':>9} {'blockw ms':>9} {'vq ms':>8} "
+            f"{'dense/vq':>8} {'blockw/vq':>9} {'vq us/tok':>9} "
+            f"{'GFLOP/s: dense':>14} {'blockw':>6} {'vq':>5} {'matmul':>6}"
         )
     print(
-        f"{row['length']:>6} {1e3 * row['dense_s']:>9.1f} {1e3 * row['vq_s']:>8.2f} "
-        f"{row['speedup']:>7.1f}x {row['vq_us_per_token']:>9.2f} "
-        f"{row['vq_gflops']:>10.1f} {row['matmul_gflops']:>14.1f} "
-        f"{row['matmul_over_vq']:>9.2f}",
+        f"{row['length']:>6} {1e3 * row['dense_s']:>9.1f} "
+        f"{1e3 * row['blockwise_s']:>9.1f} {1e3 * row['vq_s']:>8.2f} "
+        f"{row['speedup']:>7.1f}x {row['blockwise_speedup']:>8.1f}x "
+        f"{row['vq_us_per_token']:>9.2f} {row['dense_gflops']:>14.1f} "
+        f"{row['blockwise_gflops']:>6.1f} {row['vq_gflops']:>5.1f} "
+        f"{row['matmul_gflops']:>6.1f}",
         flush=True,
     )
 
@@ -243,12 +300,15 @@ def check_targets(rows):
 def main(argv=None):
     opts = parse_args(argv)
     print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform}, "
-        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; {cpu_summary()}; "
         f"H={opts.heads} K=V={opts.d} S={opts.codes} T={opts.block_len} float32, "
         f"best of {opts.repeats} x {opts.rounds} rounds"
     )
     rows = run(opts)
+    print(
+        f"machine: 2048^3 matmul float32 {rows[0]['machine_f32_gflops']:.0f}, "
+        f"bfloat16 (float32 sums) {rows[0]['machine_bf16_gflops']:.0f} GFLOP/s"
+    )
     for target, ok, detail in check_targets(rows):
         print(f"{'met' if ok else 'NOT met':>7}: {target} ({detail})")
     if str(opts.out) != "-":

@@ -1,13 +1,23 @@
-"""Wall time of one training step of Transformer-VQ against the dense baseline.
+"""Wall time of one training step of Transformer-VQ against exact attention.
 
 One training step is the forward pass, the backward pass and the optimizer
 update (`tvq.train`'s optimizer: AdamW for the weights, SGD(1) for the
 codebook), jitted, timed after a warm-up run. The model is the paper's shape
 scaled down: d_model 256, d_k 128, d_v 512, one head, one layer of two GAUs,
-S = T = M = 512, 256 tokens, float32, batch 1. The same model runs with
-attention="vq" and attention="dense" (exact causal attention over raw keys,
-everything else equal), for L = 2048 .. 32768, interleaved in rounds so that
-load from elsewhere on the machine hits both alike.
+S = T = M = 512, 256 tokens, batch 1. Four variants run, everything but the
+attention equal, for L = 2048 .. 32768, interleaved in rounds so that load
+from elsewhere on the machine hits them alike:
+
+- vq: attention="vq", float32;
+- vq-bf16: the same with dtype="bfloat16" (bf16 products, float32 sums);
+- dense: attention="dense", exact causal attention block by block (flash
+  style: future blocks skipped, no L x L matrix), float32;
+- dense_full: attention="dense_full", the whole L x L score matrix, float32.
+
+Beside each time: the step's matmul FLOPs (`tvq.flops.train_step_flops`;
+the optimizer adds no products) and the rate they were done at, next to the
+machine's own matmul rates measured in the same run (`machine.py`: a 2048^3
+float32 product, and bf16 with float32 sums), and the CPU and its bf16 flags.
 
 Before a length runs, XLA's compiled memory analysis gives the step's peak
 memory (arguments, outputs and temporaries); a variant whose peak exceeds
@@ -16,15 +26,15 @@ memory (arguments, outputs and temporaries); a variant whose peak exceeds
 As in benchmarks/attention.py, a forced host device count in XLA_FLAGS is
 dropped before JAX starts: one device is what is measured.
 
-Usage: python benchmarks/model.py [--max-len 32768] [--rounds 2] [--out F]
+Usage: python benchmarks/model.py [--max-len 32768] [--rounds 2]
+                                  [--variants vq vq-bf16 dense dense_full]
+                                  [--out F]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -33,17 +43,28 @@ import one_device  # noqa: F401  (drops forced devices before JAX starts)
 # isort: split
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from machine import cpu_summary, matmul_rates  # noqa: E402
 
 import tvq  # noqa: E402
+from tvq.flops import train_step_flops  # noqa: E402
 from tvq.train import make_optimizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {  # name: (attention, dtype)
+    "vq": ("vq", "float32"),
+    "vq-bf16": ("vq", "bfloat16"),
+    "dense": ("dense", "float32"),
+    "dense_full": ("dense_full", "float32"),
+}
 COLUMNS = [
     "length",
     "variant",
     "step_s",
     "tokens_per_s",
     "us_per_token",
+    "gflop",
+    "gflops",
+    "machine_gflops",
     "peak_gib",
     "ran",
 ]
@@ -58,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="timed runs per round")
     p.add_argument("--mem-budget", type=float, default=20.0, help="GiB")
     p.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS)
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=ROOT / "book" / "data" / "model_benchmark.csv",
@@ -66,7 +90,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_config(attention: str, length: int) -> tvq.TransformerConfig:
+def make_config(attention: str, length: int, dtype="float32") -> tvq.TransformerConfig:
     """The benchmark model: one layer of two GAUs, S = T = M = 512."""
     return tvq.TransformerConfig.create(
         n_vocab=256,
@@ -93,6 +117,7 @@ def make_config(attention: str, length: int) -> tvq.TransformerConfig:
         p_droplyr=0.0,
         is_train=True,
         attention=attention,
+        dtype=dtype,
         sequence_len=length,
         update_len=length,
         grad_clip=1.0,
@@ -106,11 +131,14 @@ def make_config(attention: str, length: int) -> tvq.TransformerConfig:
 
 
 class Variant:
-    """One model (vq or dense) at one length: its compiled step and live state."""
+    """One model at one length: its compiled step and live state."""
 
-    def __init__(self, attention: str, length: int):
-        self.attention, self.length = attention, length
-        config = make_config(attention, length)
+    def __init__(self, name: str, length: int):
+        self.name, self.length = name, length
+        attention, dtype = VARIANTS[name]
+        config = make_config(attention, length, dtype)
+        self.dtype = dtype
+        self.flop = train_step_flops(config, length)["total"]
         model = tvq.Transformer(config)
         tokens = jax.random.randint(jax.random.key(0), (1, length + 1), 0, 256)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -162,19 +190,22 @@ def lengths(lo: int, hi: int) -> list[int]:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    rates = matmul_rates()
+    print(f"jax {jax.__version__}; {cpu_summary()}")
     print(
-        f"jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"device {jax.devices()[0].device_kind}"
+        f"machine: 2048^3 matmul float32 {rates['float32']:.0f} GFLOP/s, "
+        f"bfloat16 (float32 sums) {rates['bfloat16']:.0f} GFLOP/s"
     )
-    rows = {}
-    variants = []
+    rows, variants = {}, []
     for length in lengths(args.min_len, args.max_len):
-        for attention in ("vq", "dense"):
-            variant = Variant(attention, length)
+        for name in args.variants:
+            variant = Variant(name, length)
             fits = variant.peak_bytes <= args.mem_budget * GIB
-            rows[length, attention] = dict(
+            rows[length, name] = dict(
                 length=length,
-                variant=attention,
+                variant=name,
+                gflop=round(variant.flop / 1e9, 3),
+                machine_gflops=round(rates[variant.dtype], 1),
                 peak_gib=round(variant.peak_bytes / GIB, 3),
                 ran=int(fits),
             )
@@ -182,7 +213,7 @@ def main(argv=None) -> list[dict]:
                 variants.append(variant)
             else:
                 print(
-                    f"{attention} at L={length}: peak {variant.peak_bytes / GIB:.1f} "
+                    f"{name} at L={length}: peak {variant.peak_bytes / GIB:.1f} "
                     f"GiB > budget {args.mem_budget} GiB, not run"
                 )
             del variant
@@ -190,19 +221,21 @@ def main(argv=None) -> list[dict]:
         for variant in variants:
             variant.run(args.repeats)
             print(
-                f"round {r + 1}: {variant.attention:5s} L={variant.length:6d} "
+                f"round {r + 1}: {variant.name:10s} L={variant.length:6d} "
                 f"{min(variant.times):8.3f} s",
                 flush=True,
             )
     for variant in variants:
         best = min(variant.times)
-        rows[variant.length, variant.attention].update(
+        rows[variant.length, variant.name].update(
             step_s=round(best, 5),
             tokens_per_s=round(variant.length / best, 1),
             us_per_token=round(1e6 * best / variant.length, 3),
+            gflops=round(variant.flop / best / 1e9, 1),
         )
-    table = [rows[key] for key in sorted(rows)]
-    report(table)
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    table = [rows[key] for key in sorted(rows, key=lambda k: (k[0], order[k[1]]))]
+    report(table, rates)
     if str(args.out) != "-":
         with open(args.out, "w", newline="") as f:
             writer = csv.DictWriter(f, COLUMNS, restval="")
@@ -212,44 +245,55 @@ def main(argv=None) -> list[dict]:
     return table
 
 
-def report(table: list[dict]) -> None:
-    """Print the table, the speed-ups and whether each target is met."""
+def report(table: list[dict], rates: dict) -> None:
+    """The table, the speed-ups and FLOP ratios, and whether each target is met."""
     by = {(row["length"], row["variant"]): row for row in table}
     print(
-        f"{'L':>6} {'vq s':>8} {'dense s':>8} {'speed-up':>8} "
-        f"{'vq tok/s':>9} {'dense tok/s':>11} {'vq GiB':>7} {'dense GiB':>9}"
+        f"{'L':>6} {'variant':>10} {'step s':>8} {'GFLOP':>8} {'GFLOP/s':>8} "
+        f"{'of machine':>10} {'peak GiB':>8}"
     )
-    for length in sorted({row["length"] for row in table}):
-        vq, dense = by[length, "vq"], by[length, "dense"]
-        ds = f"{dense['step_s']:8.3f}" if dense["ran"] else f"{'n/a':>8}"
-        dt = f"{dense['tokens_per_s']:11.0f}" if dense["ran"] else f"{'n/a':>11}"
-        sp = f"{dense['step_s'] / vq['step_s']:7.1f}x" if dense["ran"] else f"{'':>8}"
+    for row in table:
+        ran = row["ran"]
+        step = f"{row['step_s']:8.3f}" if ran else f"{'n/a':>8}"
+        rate = f"{row['gflops']:8.1f}" if ran else f"{'':>8}"
+        share = f"{row['gflops'] / row['machine_gflops']:10.0%}" if ran else " " * 10
         print(
-            f"{length:6d} {vq['step_s']:8.3f} {ds} {sp} {vq['tokens_per_s']:9.0f} "
-            f"{dt} {vq['peak_gib']:7.2f} {dense['peak_gib']:9.2f}"
+            f"{row['length']:6d} {row['variant']:>10} {step} {row['gflop']:8.1f} "
+            f"{rate} {share} {row['peak_gib']:8.2f}"
         )
 
-    def speedup(length):
-        vq, dense = by.get((length, "vq")), by.get((length, "dense"))
-        if vq is None or dense is None or not dense["ran"]:
+    def ratio(length, slow, fast, key="step_s"):
+        """slow's key over fast's (None unless both exist and, for times, ran)."""
+        a, b = by.get((length, slow)), by.get((length, fast))
+        if a is None or b is None:
             return None
-        return dense["step_s"] / vq["step_s"]
+        if key == "step_s" and not (a["ran"] and b["ran"]):
+            return None
+        return a[key] / b[key]
+
+    print("speed-ups (time ratio; FLOP ratio in brackets):")
+    for length in sorted({row["length"] for row in table}):
+        parts = []
+        for slow, fast in (("dense", "vq"), ("dense_full", "vq"), ("vq", "vq-bf16")):
+            r, f = ratio(length, slow, fast), ratio(length, slow, fast, "gflop")
+            if r is not None:
+                parts.append(f"{slow}/{fast} {r:5.2f}x [{f:.2f}x]")
+        print(f"  L={length:6d}: " + ", ".join(parts))
 
     def line(ok, text):
         print(f"    {'met' if ok else 'MISSED'}: {text}")
 
+    if (s := ratio(8192, "vq", "vq-bf16")) is not None:
+        line(s >= 2.0, f"vq-bf16 step >= 2x faster than vq at L = 8192 ({s:.2f}x)")
     for length, target in ((8192, 3.0), (32768, 12.0)):
-        s = speedup(length)
-        if s is not None:
-            line(s >= target, f"speed-up >= {target:g}x at L = {length} ({s:.1f}x)")
-        elif (length, "vq") in by:
-            print(f"    dense does not fit at L = {length}")
-    if (32768, "vq") in by and (8192, "vq") in by and speedup(32768) is None:
-        ratio = by[32768, "vq"]["step_s"] / (4 * by[8192, "vq"]["step_s"])
-        line(
-            ratio <= 1.25,
-            f"vq at 32768 within 1.25x of 4x its 8192 time ({ratio:.2f}x)",
-        )
+        for dense in ("dense", "dense_full"):
+            s = ratio(length, dense, "vq")
+            if s is not None:
+                line(
+                    s >= target, f"{dense}/vq >= {target:g}x at L = {length} ({s:.1f}x)"
+                )
+            elif (length, "vq") in by and (length, dense) in by:
+                print(f"    {dense} does not fit at L = {length}")
     per_token = [
         by[n, "vq"]["us_per_token"]
         for n in (4096, 8192, 16384, 32768)
@@ -262,6 +306,10 @@ def report(table: list[dict]) -> None:
             f"vq time per token flat within 25% from L = 4096 to 32768 "
             f"(max/min - 1 = {spread:.0%})",
         )
+    print(
+        f"(machine: float32 {rates['float32']:.0f}, bf16 {rates['bfloat16']:.0f} "
+        "GFLOP/s on a 2048^3 matmul)"
+    )
 
 
 if __name__ == "__main__":

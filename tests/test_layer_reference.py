@@ -189,7 +189,7 @@ def gau_reference(p, x, config, record, st_in_cache=False):
     rel = relative_bias(q + vb, r, length)
     i, j = np.arange(length)[:, None], np.arange(length)[None, :]
     causal = j <= i
-    if config.attention == "dense":
+    if config.attention in ("dense", "dense_full"):
         scores = jnp.einsum("bhik,bhjk->bhij", q + u, k) + rel
         keep = causal
     else:
@@ -262,8 +262,10 @@ CASES = {
     "T=1": (1, 2, 3, 7, {}),
     "no aggcache, M=1.5T": (4, 6, 5, 20, dict(agg_cache=False, e_preln=False)),
     "dense": (4, 4, 0, 16, dict(attention="dense", pe_abs=True, e_tie=False)),
+    "dense, M=1.5T": (4, 6, 0, 20, dict(attention="dense")),
+    "dense_full": (4, 4, 0, 16, dict(attention="dense_full", pe_abs=True)),
 }
-F32_CASES = ("M=T, S<T", "no aggcache, M=1.5T", "dense")
+F32_CASES = ("M=T, S<T", "no aggcache, M=1.5T", "dense", "dense_full")
 
 
 @pytest.mark.parametrize(
@@ -351,8 +353,13 @@ def lm_loss_of(config, tokens, targets):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(pe_abs=True, e_tie=False), dict(agg_cache=False, e_tie=True)],
-    ids=["aggcache", "no aggcache"],
+    [
+        dict(pe_abs=True, e_tie=False),
+        dict(agg_cache=False, e_tie=True),
+        dict(attention="dense", pe_abs=True),
+        dict(attention="dense_full"),
+    ],
+    ids=["aggcache", "no aggcache", "dense", "dense_full"],
 )
 def test_gradients_equal_the_reference(overrides):
     """Every gradient of the LM loss equals the quadratic reference's:

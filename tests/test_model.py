@@ -1,5 +1,5 @@
 """tvq.Transformer: carried state, decoding, causality, stability, bf16, the
-dense baseline against jax.nn.dot_product_attention, and bad input.
+dense baselines against jax.nn.dot_product_attention, and bad input.
 
 The quadratic-form reference and the gradient checks are in
 test_layer_reference.py; this file reuses its builders.
@@ -24,6 +24,7 @@ from test_layer_reference import (
 )
 
 import tvq
+import tvq.dense
 from tvq.attention import update_state
 
 F32 = jnp.float32
@@ -54,6 +55,7 @@ STATE_CONFIGS = {
     "vq": dict(block_len=4, mem_len=4, n_code=5, pe_abs=True),
     "vq, no aggcache": dict(block_len=4, mem_len=6, n_code=3, agg_cache=False),
     "dense": dict(block_len=4, mem_len=4, n_code=None, attention="dense"),
+    "dense_full": dict(block_len=4, mem_len=4, n_code=None, attention="dense_full"),
 }
 
 
@@ -86,7 +88,7 @@ def test_carried_state_equals_one_call(name):
     assert int(whole["attn_state"][0][1]["pos_offset"]) == 4 * t
 
 
-@pytest.mark.parametrize("name", ["vq", "dense"])
+@pytest.mark.parametrize("name", ["vq", "dense", "dense_full"])
 def test_decoding_equals_block_forward(name):
     """block_len=1, same params and mem_len, one token at a time with the
     carried state == the block-wise forward (float32, 1e-5)."""
@@ -253,16 +255,22 @@ def test_bfloat16_keeps_codebook_and_cache_in_float32():
 # The dense baseline.
 
 
-def test_dense_equals_dot_product_attention():
-    """attention="dense" inside a GAU == jax.nn.dot_product_attention on the
-    GAU's q + u, k, v with the relative terms as bias and a causal mask.
-    Float32: dot_product_attention takes its softmax in float32 anyway."""
-    config = small_config(4, 3, None, attention="dense", d_v=4)
+@pytest.mark.parametrize("attention", ["dense", "dense_full"])
+def test_dense_equals_dot_product_attention(attention):
+    """attention="dense" (blockwise) and "dense_full" inside a GAU ==
+    jax.nn.dot_product_attention on the GAU's q + u, k, v with the relative
+    terms as bias and a causal mask. Float32: dot_product_attention takes its
+    softmax in float32 anyway."""
+    config = small_config(4, 3, None, attention=attention, d_v=4)
     params = random_params(config, seed=32)["params"]["layers_0"]["attn1"]
     b, length = 2, 12
     x = jnp.asarray(np.random.default_rng(33).standard_normal([b, length, 8]), F32)
     empty = tvq.layers.gau_initial_state(config, b)
     buffer = tvq.layers.gau_initial_state(config, b, max_len=length)
+    if attention == "dense":
+        attend = functools.partial(tvq.dense.dense_attention, block_len=4, chunk_len=3)
+    else:
+        attend = tvq.dense.dense_full_attention
 
     def heads_last(a):  # [B, H, L, X] -> [B, L, H, X]
         return jnp.transpose(a, (0, 2, 1, 3))
@@ -275,9 +283,7 @@ def test_dense_equals_dot_product_attention():
         want = jax.nn.dot_product_attention(
             heads_last(q + u), heads_last(k), heads_last(v), bias, causal, scale=1.0
         )  # [B, L, H, V]
-        got, _ = tvq.layers.dense_attention(
-            q + u, k, v, empty, mem_len=config.mem_len, q_pos=q + vb, r=r
-        )
+        got, _ = attend(q + u, k, v, empty, mem_len=config.mem_len, q_pos=q + vb, r=r)
         res_want = (want.reshape(b, length, -1) * g) @ params["res_proj"]["kernel"]
         res = [
             tvq.GAU(config).apply({"params": params}, x, state, spec_for(x[..., 0]))

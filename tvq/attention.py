@@ -23,13 +23,15 @@ T block length, M window (mem_len), W = M + T, R blocks.
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax
 import jax.numpy as jnp
 
+from tvq.precision import einsum
 from tvq.shapes import check_shape
-from tvq.vq import get_codewords, get_shortcodes, sg, st
+from tvq.vq import get_codewords, nearest_codes, sg, st
 
 MASK = 1e30  # a masked score is -MASK: exp gives exactly 0, and no inf arises
 
@@ -142,22 +144,32 @@ def skew(by_distance: jax.Array) -> jax.Array:
     return flat.reshape(*lead, t, m1 + t - 1)
 
 
-def relative_scores(q_pos, r):
+def relative_scores(q_pos, r, dtype=None):
     """[B, H, T, M + T] (q + v).r_d for window column j at distance d = M + i - j.
 
     q_pos: [B, H, T, K] queries plus the XL bias v; r: [H, M + 1, K] projected
-    sinusoids of distances 0..M. Entries at distances outside 0..M are 0.
+    sinusoids of distances 0..M; dtype: that of the product (None: the
+    inputs'). Entries at distances outside 0..M are 0.
     """
-    return skew(jnp.einsum("bhtk,hdk->bhtd", q_pos, r))
+    return skew(einsum("bhtk,bhdk->bhtd", q_pos, per_batch(r, q_pos), dtype))
 
 
-def attend_block(q, k_hat, v, codebook, state, *, agg_cache=True, q_pos=None, r=None):
+def per_batch(x, like):
+    """[H, ...] broadcast to [B, H, ...] with the B of `like`: products whose
+    batch axes lead both operands need no transposed copy of their result."""
+    return jnp.broadcast_to(x[None], (like.shape[0], *x.shape))
+
+
+def attend_block(
+    q, k_hat, v, codebook, state, *, agg_cache=True, q_pos=None, r=None, dtype=None
+):
     """One block's attention over its window and the aggcache.
 
     Scores are q.k_hat (+ relative terms) in the window and q.c_s + log n_s for
     the S codes of the aggcache; one softmax over the S + W entries, shifted by
-    a stop-gradient max. The codebook enters with a stop-gradient: the language
-    model loss never reaches it (its EMA update is a loss of its own).
+    its max. The codebook enters with a stop-gradient: the language model loss
+    never reaches it (its EMA update is a loss of its own); nor does it reach
+    the counts n_s.
 
     Args:
       q: [B, H, T, K] queries (content part, XL bias u already added).
@@ -167,41 +179,156 @@ def attend_block(q, k_hat, v, codebook, state, *, agg_cache=True, q_pos=None, r=
       state: the attention state before this block (`initial_attention_state`).
       agg_cache: attend to the aggcache; without it, a sliding window of M.
       q_pos, r: optional relative position terms, [B, H, T, K] and [H, M + 1, K].
+      dtype: the products' input dtype (bfloat16 for mixed precision; None:
+        the inputs'); they accumulate, and the softmax runs, in float32 at
+        least.
 
     Returns:
-      [B, H, T, V] attention output.
+      [B, H, T, V] attention output, float32 at least.
+    """
+    code_scores, by_distance = stateless_products(
+        q, codebook, q_pos, r, agg_cache=agg_cache, dtype=dtype
+    )
+    return attend_with_products(
+        q, k_hat, v, code_scores, by_distance, state, agg_cache=agg_cache, dtype=dtype
+    )
+
+
+def stateless_products(q, codebook, q_pos, r, *, agg_cache, dtype):
+    """The two products of attention that need no state, for any L positions:
+    q.c_s [B, H, L, S] against the codewords (None without the aggcache) and
+    (q + v).r_d [B, H, L, M + 1] by distance (None without q_pos).
+
+    `blockwise_attention` makes them for every block at once: large matmuls,
+    where block by block they would be small ones.
+    """
+    code_scores = by_distance = None
+    if agg_cache:
+        codewords = per_batch(sg(codebook), q)
+        code_scores = einsum("bhlk,bhsk->bhls", q, codewords, dtype)
+    if q_pos is not None:
+        by_distance = einsum("bhlk,bhdk->bhld", q_pos, per_batch(r, q_pos), dtype)
+    return code_scores, by_distance
+
+
+def attend_with_products(
+    q, k_hat, v, code_scores, by_distance, state, *, agg_cache, dtype
+):
+    """`attend_block` given its block's `stateless_products` (T positions).
+
+    The codes and the window are two products each (scores, then weighted
+    values) sharing the max and the normalizer, with no [S + W]
+    concatenation; the backward pass is written out (`_block_bwd`), as flash
+    attention's, from the saved probabilities.
     """
     xl, agg = state["xlcache"], state["aggcache"]
     block_len, mem_len = q.shape[2], xl["z"].shape[-1]
-    recent_k = jnp.concatenate([xl["k_hat"], k_hat], axis=2)  # [B, H, W, K]
-    recent_v = jnp.concatenate([xl["v"], v], axis=2)  # [B, H, W, V]
     keep, _ = window_masks(block_len, mem_len, state["pos_offset"], agg_cache)
-    # Masked entries get a large negative score (not -inf, so no inf meets a
-    # gradient): exp makes them exactly 0. A query always sees itself.
-    bias = jnp.where(keep, 0.0, -MASK)  # [T, W]
-    if q_pos is not None:
-        bias = bias + relative_scores(q_pos, r)  # [B, H, T, W]
-    keys, values = recent_k, recent_v
-    if agg_cache:
+    log_n = agg_biases(agg["lower"]) if agg_cache else None
+    return _block(
+        q,
+        k_hat,
+        v,
+        xl["k_hat"],
+        xl["v"],
+        agg["upper_div_lower"],
+        code_scores,
+        by_distance,
+        log_n,
+        keep,
+        dtype,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
+def _block(q, k, v, xl_k, xl_v, means, code_scores, by_distance, log_n, keep, dtype):
+    args = (q, k, v, xl_k, xl_v, means, code_scores, by_distance, log_n, keep)
+    return _block_fwd(*args, dtype)[0]
+
+
+def _block_fwd(
+    q, k, v, xl_k, xl_v, means, code_scores, by_distance, log_n, keep, dtype
+):
+    keys = jnp.concatenate([xl_k, k], axis=2)  # [B, H, W, K]
+    vals = jnp.concatenate([xl_v, v], axis=2)  # [B, H, W, V]
+    scores = einsum("bhtk,bhwk->bhtw", q, keys, dtype)
+    if by_distance is not None:
+        scores = scores + skew(by_distance)
+    # Masked entries get a large negative score (not -inf, so no inf arises):
+    # exp makes them exactly 0. A query always sees itself.
+    scores = jnp.where(keep, scores, -MASK)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    if code_scores is not None:
         # Code s stands for its n_s keys: exp(q.c_s + log n_s) = n_s exp(q.c_s).
-        log_n = agg_biases(agg["lower"])
-        bias = jnp.concatenate(
-            [
-                jnp.broadcast_to(log_n[:, :, None, :], (*q.shape[:3], log_n.shape[-1])),
-                jnp.broadcast_to(bias, (*q.shape[:3], bias.shape[-1])),
-            ],
-            axis=-1,
-        )  # [B, H, T, S + W]
-        codewords = jnp.broadcast_to(sg(codebook), (q.shape[0], *codebook.shape))
-        keys = jnp.concatenate([codewords, recent_k], axis=2)
-        values = jnp.concatenate([agg["upper_div_lower"], recent_v], axis=2)
-    scores = jnp.einsum("bhtk,bhnk->bhtn", q, keys) + bias
-    # Any shift gives the same softmax, so no gradient flows through it.
-    weights = jnp.exp(scores - sg(jnp.max(scores, axis=-1, keepdims=True)))
-    # A column of ones gives the normalizer from the same product as the output.
-    ones = jnp.ones([*values.shape[:3], 1], values.dtype)
-    out = jnp.einsum("bhtn,bhnv->bhtv", weights, jnp.concatenate([values, ones], -1))
-    return out[..., :-1] / out[..., -1:]
+        codes = code_scores + log_n[:, :, None, :]
+        top = jnp.maximum(top, jnp.max(codes, axis=-1, keepdims=True))
+    weights = jnp.exp(scores - top)
+    out = einsum("bhtw,bhwv->bhtv", weights, vals, dtype)
+    norm = jnp.sum(weights, axis=-1, keepdims=True)
+    code_probs = None
+    if code_scores is not None:
+        code_weights = jnp.exp(codes - top)
+        out = out + einsum("bhts,bhsv->bhtv", code_weights, means, dtype)
+        norm = norm + jnp.sum(code_weights, axis=-1, keepdims=True)
+        code_probs = code_weights / norm
+    out = out / norm
+    # The pieces of the window, not their concatenation: a scan over blocks
+    # stacks these per block, and the block's own k and v it has already.
+    relative = None if by_distance is None else jnp.zeros([0], by_distance.dtype)
+    residuals = (q, k, v, xl_k, xl_v, means, out, weights / norm, code_probs, relative)
+    return out, residuals
+
+
+def _block_bwd(dtype, residuals, out_ct):
+    """Flash attention's backward pass over the window and the codes.
+
+    With probabilities p = softmax(scores) and D = rowsum(dout * out), the
+    score cotangent is p (dout.v - D); keys and queries get it through the
+    score products, values through p^T dout, the relative terms and the code
+    scores as they are (their products are differentiated outside).
+    """
+    q, k, v, xl_k, xl_v, means, out, probs, code_probs, relative = residuals
+    keys = jnp.concatenate([xl_k, k], axis=2)
+    vals = jnp.concatenate([xl_v, v], axis=2)
+    mem_len = xl_k.shape[2]
+    out_ct = out_ct.astype(out.dtype)
+    delta = jnp.sum(rows(out_ct * out), axis=-1).reshape(out.shape[:-1] + (1,))
+    d_scores = probs * (einsum("bhtv,bhwv->bhtw", out_ct, vals, dtype) - delta)
+    d_vals = einsum("bhtw,bhtv->bhwv", probs, out_ct, dtype)
+    d_q = einsum("bhtw,bhwk->bhtk", d_scores, keys, dtype)
+    d_keys = einsum("bhtw,bhtk->bhwk", d_scores, q, dtype)
+    d_distance = None
+    if relative is not None:
+        # The transposed skew gathers the score cotangents back by distance.
+        shape = jax.ShapeDtypeStruct((*q.shape[:3], mem_len + 1), relative.dtype)
+        (d_distance,) = jax.linear_transpose(skew, shape)(d_scores.astype(shape.dtype))
+    d_codes, d_means = None, jnp.zeros_like(means)
+    if code_probs is not None:
+        d_codes = einsum("bhtv,bhsv->bhts", out_ct, means, dtype) - delta
+        d_codes = code_probs * d_codes
+        d_codes = d_codes.astype(code_probs.dtype)
+        d_means = einsum("bhts,bhtv->bhsv", code_probs, out_ct, dtype)
+    return (
+        d_q.astype(q.dtype),
+        d_keys[:, :, mem_len:].astype(k.dtype),
+        d_vals[:, :, mem_len:].astype(v.dtype),
+        d_keys[:, :, :mem_len].astype(xl_k.dtype),
+        d_vals[:, :, :mem_len].astype(xl_v.dtype),
+        d_means.astype(means.dtype),
+        d_codes,
+        d_distance,
+        None,  # the counts: no gradient
+        None,  # the mask
+    )
+
+
+_block.defvjp(_block_fwd, _block_bwd)
+
+
+def rows(x):
+    """[..., D] as [N, D]. XLA's CPU backend reduces the last axis of an array
+    whose other axes are all 1 (batch 1, one head) many times slower."""
+    return x.reshape(-1, x.shape[-1])
 
 
 def code_stats(z, v, n_code):
@@ -285,6 +412,7 @@ def blockwise_attention(
     grad_thru_cache=True,
     q_pos=None,
     r=None,
+    dtype=None,
 ):
     """Attention of a whole call, block after block, carrying the state.
 
@@ -292,17 +420,29 @@ def blockwise_attention(
       q, k_hat: [B, H, L, K]; z: [B, H, L] int32 shortcodes of k_hat;
       v: [B, H, L, V]; codebook: [H, S, K]; state: the state before the call;
       block_len: T, must divide L; q_pos: [B, H, L, K] or None; r: as in
-      `attend_block`. Without grad_thru_cache the state passed from block to
-      block carries no gradient.
+      `attend_block`; dtype: the products' input dtype, as in `attend_block`.
+      Without grad_thru_cache the state passed from block to block carries no
+      gradient.
 
     Returns:
       ([B, H, L, V] output, state after the call).
     """
 
+    products = stateless_products(
+        q, codebook, q_pos, r, agg_cache=agg_cache, dtype=dtype
+    )
+
     def step(carry, blk):
-        q_b, k_b, z_b, v_b, qp_b = blk
-        out = attend_block(
-            q_b, k_b, v_b, codebook, carry, agg_cache=agg_cache, q_pos=qp_b, r=r
+        q_b, k_b, z_b, v_b, codes_b, distance_b = blk
+        out = attend_with_products(
+            q_b,
+            k_b,
+            v_b,
+            codes_b,
+            distance_b,
+            carry,
+            agg_cache=agg_cache,
+            dtype=dtype,
         )
         carry = update_state(carry, z_b, k_b, v_b)
         if not grad_thru_cache:
@@ -310,7 +450,7 @@ def blockwise_attention(
         return carry, out
 
     blocks = [to_blocks(x, block_len) for x in (q, k_hat, z, v)]
-    blocks.append(None if q_pos is None else to_blocks(q_pos, block_len))
+    blocks += [None if x is None else to_blocks(x, block_len) for x in products]
     state, out = jax.lax.scan(step, state, tuple(blocks))
     return from_blocks(out), state
 
@@ -325,10 +465,11 @@ def vq_attention_flops(
     2 T (S + W) K for the scores against the S codewords and the W = M + T
     window keys, and 2 T (S + W) V for the weighted sum of the S running means
     and the W window values. Folding a block into the cache is a scatter-add,
-    not a matmul. With L / T blocks: 2 L (S K + (S + W) (K + V)).
+    not a matmul. With L / T blocks: 2 L (S K + (S + W) (K + V)). The relative
+    position terms (2 T (M + 1) K per block, `relative_scores`) are left out.
     """
-    s, w = n_code, mem_len + block_len
-    return 2 * length * (s * d_k + (s + w) * (d_k + d_v))
+    w = mem_len + block_len
+    return 2 * length * (n_code * d_k + (n_code + w) * (d_k + d_v))
 
 
 def vq_attention(
@@ -363,13 +504,7 @@ def vq_attention(
     check_block_len(block_len, dims["L"], f"q, k shape {list(q.shape)}")
     dtype = jnp.result_type(q, v, codebook)
     q, k, v, codebook = (x.astype(dtype) for x in (q, k, v, codebook))
-    # Nearest codes block by block: one block's [S, T] distances stay in cache,
-    # where all L at once would stream S L of them through memory.
-    z = from_blocks(
-        jax.lax.map(
-            lambda kb: get_shortcodes(kb, sg(codebook))[0], to_blocks(k, block_len)
-        )
-    )
+    z = nearest_codes(k, codebook, block_len)
     k_hat = sg(get_codewords(z, codebook)) + st(k)
     state = initial_attention_state(
         dims["B"], dims["H"], dims["S"], mem_len, dims["K"], dims["V"], dtype

@@ -32,8 +32,9 @@ class TransformerConfig:
     """Hyperparameters of a Transformer-VQ model.
 
     Field names follow the reference implementation so each one can be looked up
-    in the paper's code (`attention`, "vq" or "dense", is tvq's own: the dense
-    baseline). Fields a module needs and finds None raise a ValueError naming
+    in the paper's code (`attention` is tvq's own: "vq"; or the exact dense
+    baseline, "dense" block by block or "dense_full" with the whole score
+    matrix). Fields a module needs and finds None raise a ValueError naming
     them; the training fields (`grad_clip` .. `n_max_step`) are read by
     `tvq.train`. Every field is static pytree metadata, so a config passes
     through `jit` without being traced.

@@ -3,7 +3,8 @@
 x~ = LayerNorm(x); q, k = norm(x~ W_q), norm(x~ W_k), each times d_k^(-1/4);
 v = silu(x~ W_v); g = silu(x~ W_g); the sublayer adds ((attention) * g) W_o to
 the residual stream. Keys are quantized by `LearnableVQ` (attention="vq") or
-used as they are (attention="dense", the quadratic baseline).
+used as they are by exact attention (the baseline: attention="dense", block by
+block; attention="dense_full", the whole score matrix; see `tvq.dense`).
 
 Axes: B batch, H heads, P length of the call, S codes, K key width,
 V value width, D model width, M window (mem_len).
@@ -20,10 +21,12 @@ import jax.numpy as jnp
 from tvq.attention import (
     blockwise_attention,
     initial_attention_state,
-    relative_scores,
     sinusoids,
 )
 from tvq.config import TransformerConfig
+from tvq.dense import dense_attention, dense_full_attention
+from tvq.precision import dot_general as precision_dot_general
+from tvq.precision import is_low
 from tvq.vq import LearnableVQ, VQSpec
 
 GAU_FIELDS = (
@@ -44,7 +47,8 @@ GAU_FIELDS = (
     "b_init",
 )
 VQ_FIELDS = ("n_code", "c_gamma")
-ATTENTIONS = ("vq", "dense")
+ATTENTIONS = ("vq", "dense", "dense_full")
+DENSE_ATTENTIONS = ("dense", "dense_full")  # exact, with a key/value buffer
 
 
 def require(config: TransformerConfig, names, who: str) -> None:
@@ -75,13 +79,13 @@ def gau_initial_state(
     """The state of one GAU before any token.
 
     attention="vq": the window and aggcache of `initial_attention_state`.
-    attention="dense": a key/value buffer of max_len positions (default
-    config.sequence_len, or 0: no state carried between calls).
+    attention="dense" or "dense_full": a key/value buffer of max_len positions
+    (default config.sequence_len, or 0: no state carried between calls).
     """
     check_config(config)
     b, h = batch_size, config.n_head
     dtype = config.param_dtype
-    if config.attention == "dense":
+    if config.attention in DENSE_ATTENTIONS:
         n = max_len if max_len is not None else config.sequence_len or 0
         return dict(
             pos_offset=jnp.zeros([], jnp.int32),
@@ -91,52 +95,6 @@ def gau_initial_state(
     return initial_attention_state(
         b, h, config.n_code, config.mem_len, config.d_k, config.d_v, dtype
     )
-
-
-def dense_attention(q, k, v, state, *, mem_len, q_pos, r):
-    """Exact causal attention of each query over every earlier position.
-
-    Same scores as the VQ form, with raw keys: q.k everywhere plus the relative
-    terms (q + v).r_d at distances d <= M. With a buffer in the state (size N),
-    keys and values are written at pos_offset and the queries attend over the
-    buffer (the KV cache of decoding; pos_offset + P must not exceed N);
-    without one (N = 0), over this call alone.
-
-    Args:
-      q, k, q_pos: [B, H, P, K]; v: [B, H, P, V]; state: pos_offset, k
-      [B, H, N, K], v [B, H, N, V]; r: [H, M + 1, K].
-
-    Returns:
-      ([B, H, P, V] output, new state).
-    """
-    present = q.shape[2]
-    offset = state["pos_offset"]
-    if state["k"].shape[2] == 0:
-        keys, vals = k, v
-        q_at, k_at = jnp.arange(present), jnp.arange(present)
-        new_state = dict(state, pos_offset=offset + present)
-    else:
-        zero = jnp.zeros_like(offset)  # all indices of one dtype, also with x64
-        start = (zero, zero, offset, zero)
-        keys = jax.lax.dynamic_update_slice(
-            state["k"], k.astype(state["k"].dtype), start
-        )
-        vals = jax.lax.dynamic_update_slice(
-            state["v"], v.astype(state["v"].dtype), start
-        )
-        q_at, k_at = offset + jnp.arange(present), jnp.arange(keys.shape[2])
-        new_state = dict(pos_offset=offset + present, k=keys, v=vals)
-    # Relative terms in window columns: keys at positions offset - M .. offset
-    # + P - 1; placed at their positions in the buffer when there is one.
-    rel = relative_scores(q_pos, r)  # [B, H, P, M + P]
-    if state["k"].shape[2] > 0:
-        zero = jnp.zeros_like(offset)
-        wide = jnp.zeros([*rel.shape[:3], mem_len + keys.shape[2]], rel.dtype)
-        rel = jax.lax.dynamic_update_slice(wide, rel, (zero, zero, zero, offset))
-    scores = jnp.einsum("bhpk,bhnk->bhpn", q, keys) + rel[..., mem_len:]
-    causal = q_at[:, None] >= k_at[None, :]  # [P, N]
-    scores = jnp.where(causal, scores, -jnp.inf)
-    return jax.nn.softmax(scores, axis=-1) @ vals, new_state
 
 
 class LayerNorm(nn.Module):
@@ -154,13 +112,16 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
-        y = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        # As rows [N, width]: XLA's CPU backend reduces the last axis of an
+        # array whose other axes are all 1 (batch 1, one head) up to 50 times
+        # slower, which the backward pass of this norm would hit.
+        y = x.reshape(-1, width).astype(jnp.promote_types(x.dtype, jnp.float32))
         y = y * jax.lax.rsqrt(self.eps + jnp.mean(jnp.square(y), -1, keepdims=True))
         if self.gain:
             y = y * self.param("g", nn.initializers.ones, [width], self.param_dtype)
         if self.bias:
             y = y + self.param("b", nn.initializers.zeros, [width], self.param_dtype)
-        return y.astype(x.dtype)
+        return y.reshape(x.shape).astype(x.dtype)
 
 
 class GAU(nn.Module):
@@ -173,6 +134,8 @@ class GAU(nn.Module):
         check_config(cfg)
         h, k_dim, v_dim = cfg.n_head, cfg.d_k, cfg.d_v
         dense = dict(use_bias=False, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
+        if is_low(cfg.dtype):  # bf16 inputs, float32 sums and results
+            dense["dot_general"] = precision_dot_general(cfg.dtype)
         self.input_ln = LayerNorm(param_dtype=cfg.param_dtype)
         self.q_ln = LayerNorm(gain=False, bias=False)
         self.k_ln = LayerNorm(gain=False, bias=False)
@@ -194,10 +157,10 @@ class GAU(nn.Module):
             cfg.p_dropres, deterministic=not train, rng_collection="ephemeral"
         )
 
-    def heads(self, x, width):
-        """[B, P, H * width] -> [B, H, P, width]."""
-        b, p, _ = x.shape
-        return jnp.transpose(x.reshape(b, p, self.config.n_head, width), (0, 2, 1, 3))
+    def heads(self, x, batch_size, width):
+        """[B P, H * width] -> [B, H, P, width]."""
+        x = x.reshape(batch_size, -1, self.config.n_head, width)
+        return jnp.transpose(x, (0, 2, 1, 3))
 
     def relative_keys(self):
         """[H, M + 1, K] projected sinusoids of the distances 0..M, times d_k^(-1/4)."""
@@ -215,15 +178,18 @@ class GAU(nn.Module):
         """
         cfg = self.config
         h, k_dim, v_dim = cfg.n_head, cfg.d_k, cfg.d_v
-        hp = cfg.param_dtype  # attention, softmax and the state run in this dtype
+        hp = cfg.param_dtype  # softmax, norms and the state run in this dtype
+        low = cfg.dtype if is_low(cfg.dtype) else None  # attention products
         scale = k_dim**-0.25
-        x_tilde = self.input_ln(x)
+        b, p, d = x.shape
+        # Projections of rows [B P, D]: a plain matmul, forward and backward.
+        x_tilde = self.input_ln(x).reshape(b * p, d)
         k, v, g = jnp.split(
             self.kvg_proj(x_tilde), [h * k_dim, h * (k_dim + v_dim)], -1
         )
-        q = self.q_ln(self.heads(self.q_proj(x_tilde), k_dim)).astype(hp) * scale
-        k = self.k_ln(self.heads(k, k_dim)).astype(hp) * scale
-        v = self.heads(jax.nn.silu(v), v_dim).astype(hp)
+        q = self.q_ln(self.heads(self.q_proj(x_tilde), b, k_dim)).astype(hp) * scale
+        k = self.k_ln(self.heads(k, b, k_dim)).astype(hp) * scale
+        v = self.heads(jax.nn.silu(v), b, v_dim).astype(hp)
         u = self.xl_u.reshape(1, h, 1, k_dim).astype(hp) * scale
         vb = self.xl_v.reshape(1, h, 1, k_dim).astype(hp) * scale
         r = self.relative_keys()
@@ -241,6 +207,7 @@ class GAU(nn.Module):
                 grad_thru_cache=cfg.grad_thru_cache,
                 q_pos=q + vb,
                 r=r,
+                dtype=low,
             )
             aux = dict(
                 l_commit=vq["l_commit"],
@@ -248,14 +215,17 @@ class GAU(nn.Module):
                 metrics=vq["metrics"],
             )
         else:
-            out, state = dense_attention(
-                q + u, k, v, state, mem_len=cfg.mem_len, q_pos=q + vb, r=r
-            )
-            zero = jnp.zeros([], cfg.dtype)
+            exact = dict(mem_len=cfg.mem_len, q_pos=q + vb, r=r, dtype=low)
+            if cfg.attention == "dense":
+                out, state = dense_attention(
+                    q + u, k, v, state, block_len=cfg.block_len, **exact
+                )
+            else:
+                out, state = dense_full_attention(q + u, k, v, state, **exact)
+            zero = jnp.zeros([], jnp.promote_types(cfg.dtype, jnp.float32))
             aux = dict(l_commit=zero, l_codebook=zero, metrics={})
         if not cfg.grad_thru_cache:
             state = jax.tree.map(jax.lax.stop_gradient, state)
-        b, _, p, _ = out.shape
-        wv = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, p, h * v_dim).astype(cfg.dtype)
-        res = self.dropres(self.res_proj(wv * jax.nn.silu(g)))
-        return state, dict(res=res, **aux)
+        wv = jnp.transpose(out, (0, 2, 1, 3)).reshape(b * p, h * v_dim)
+        res = self.res_proj(wv.astype(g.dtype) * jax.nn.silu(g))
+        return state, dict(res=self.dropres(res.reshape(b, p, d)), **aux)

@@ -127,11 +127,14 @@ class Transformer(nn.Module):
         cfg = self.config
         vq_spec = check_call(cfg, inputs, state, vq_spec)
         b, p = inputs.shape
-        x = jnp.take(self.embs, inputs, axis=0).astype(cfg.dtype)
+        # The residual stream: in dtype, but float32 at least in mixed
+        # precision (dtype="bfloat16"), where only the products are bf16.
+        stream = jnp.promote_types(cfg.dtype, cfg.param_dtype)
+        x = jnp.take(self.embs, inputs, axis=0).astype(stream)
         if cfg.pe_abs:
             offset = state[0][0]["pos_offset"]
             pe = sinusoids(p, cfg.d_model, cfg.pe_lam, start=offset)
-            x = x + (self.pe_scale * pe).astype(cfg.dtype)
+            x = x + (self.pe_scale * pe).astype(stream)
         x = self.dropemb(x)
         new_state, aux = [], []
         for layer, layer_state in zip(self.layers, state, strict=True):
@@ -140,12 +143,15 @@ class Transformer(nn.Module):
             aux.append(layer_aux)
         if cfg.e_preln:
             x = self.out_ln(x)
-        x = x.astype(cfg.param_dtype)
+        # Logits in full precision, as rows [B P, D]: plain matmuls, and a
+        # softmax over the last axis of a 2-d array (see `LayerNorm`).
+        x = x.astype(cfg.param_dtype).reshape(b * p, -1)
         if cfg.e_tie:
             logits = x @ self.embs.T + self.bias_out
         else:
             logits = self.out_proj(x)
         logprobs = jax.nn.log_softmax(logits * cfg.e_scale, axis=-1)
+        logprobs = logprobs.reshape(b, p, -1)
         return dict(
             logprobs=logprobs,
             attn_state=new_state,

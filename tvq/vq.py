@@ -96,6 +96,38 @@ def get_codewords(shortcodes: jax.Array, codebook: jax.Array) -> jax.Array:
     return codebook[heads, shortcodes]
 
 
+def per_code_sums(vecs, weights, shortcodes, n_code):
+    """Per head, the sums [H, S, K] of the [B, H, L, K] vecs and [H, S] of the
+    [B, H, L] weights, grouped by their code.
+
+    A scatter-add: O(B H L K) work, where a one-hot matmul costs O(B H L S K).
+    """
+    b, h, length, k = vecs.shape
+    heads = jnp.arange(h, dtype=shortcodes.dtype)[None, :, None]
+    segment = (heads * n_code + shortcodes).reshape(-1)
+    sums = jax.ops.segment_sum(vecs.reshape(-1, k), segment, h * n_code)
+    counts = jax.ops.segment_sum(weights.reshape(-1), segment, h * n_code)
+    return sums.reshape(h, n_code, k), counts.reshape(h, n_code)
+
+
+def nearest_codes(vecs: jax.Array, codebook: jax.Array, chunk_len=None) -> jax.Array:
+    """[B, H, L] int32 index of the nearest codeword of each of the [B, H, L, K]
+    vecs (`get_shortcodes`), with no gradient.
+
+    With chunk_len dividing L, chunk by chunk: one chunk's [S, chunk_len]
+    distances stay in cache, where all L at once would stream S L of them
+    through memory.
+    """
+    vecs, codebook = sg(vecs), sg(codebook)
+    length = vecs.shape[2]
+    if not chunk_len or length % chunk_len or length == chunk_len:
+        return get_shortcodes(vecs, codebook)[0]
+    b, h, _, k = vecs.shape
+    chunks = jnp.moveaxis(vecs.reshape(b, h, length // chunk_len, chunk_len, k), 2, 0)
+    codes = jax.lax.map(lambda x: get_shortcodes(x, codebook)[0], chunks)
+    return jnp.moveaxis(codes, 0, 2).reshape(b, h, length)
+
+
 def codebook_from_stats(c_sum: jax.Array, c_count: jax.Array) -> jax.Array:
     """Codewords as running means: [H, S, K] sums / [H, S] counts (floored at 0.01)."""
     dims = check_shape("c_sum", c_sum, "HSK")
@@ -159,12 +191,16 @@ class LearnableVQ(nn.Module):
         check_scalar("vq_spec.n_device", vq_spec.n_device)
         check_scalar("vq_spec.n_block_per_update", vq_spec.n_block_per_update)
 
-        mask = vq_spec.loss_mask.astype(vecs.dtype)[:, None, :, None]
-        assign = jax.nn.one_hot(shortcodes, dims["S"], dtype=vecs.dtype) * mask
+        mask = jnp.broadcast_to(
+            vq_spec.loss_mask.astype(vecs.dtype)[:, None, :], shortcodes.shape
+        )
+        sums, counts = per_code_sums(
+            vecs * mask[..., None], mask, shortcodes, dims["S"]
+        )
         scale = jnp.reshape(vq_spec.n_device * vq_spec.n_block_per_update, ())
         scale = scale.astype(vecs.dtype)
-        c_sum_hat = scale * jnp.einsum("bhls,bhlk->hsk", assign, vecs)
-        c_count_hat = scale * jnp.sum(assign, axis=(0, 2))
+        c_sum_hat = scale * sums
+        c_count_hat = scale * counts
         c_sum_tgt = c_gamma * c_sum + (1.0 - c_gamma) * c_sum_hat
         c_count_tgt = c_gamma * c_count + (1.0 - c_gamma) * c_count_hat
         return c_sum_tgt, c_count_tgt
@@ -256,10 +292,13 @@ class LearnableVQ(nn.Module):
         check_shape("vq_spec.loss_mask", vq_spec.loss_mask, "BL", dims)
         compute_dtype = jnp.promote_types(vecs.dtype, jnp.float32)
         vecs_hp = vecs.astype(compute_dtype)
-        codebook = self.get_codebook()
-        shortcodes, errs2 = get_shortcodes(vecs_hp, codebook.astype(compute_dtype))
-        codewords = get_codewords(shortcodes, codebook).astype(vecs.dtype)
-        quantized = sg(codewords) + st(vecs)
+        codebook = self.get_codebook().astype(compute_dtype)
+        shortcodes = nearest_codes(vecs_hp, codebook, cfg.block_len)
+        codewords = get_codewords(shortcodes, codebook)
+        # |x - c_z|^2 directly: its gradient 2 (x - c_z) costs O(L K), where
+        # differentiating the distances to every code would cost O(L S K).
+        errs2 = jnp.sum(jnp.square(vecs_hp - codewords), axis=-1)
+        quantized = sg(codewords.astype(vecs.dtype)) + st(vecs)
         if cfg.is_train:
             mask = vq_spec.loss_mask.astype(errs2.dtype)[:, None, :]
             l_commit = jnp.mean(jnp.sum(mask * errs2, axis=1))
