@@ -12,7 +12,9 @@ from elsewhere on the machine hits them alike:
 - vq-bf16: the same with dtype="bfloat16" (bf16 products, float32 sums);
 - dense: attention="dense", exact causal attention block by block (flash
   style: future blocks skipped, no L x L matrix), float32;
-- dense_full: attention="dense_full", the whole L x L score matrix, float32.
+- dense_full: attention="dense_full", the whole L x L score matrix, float32;
+- dense-bf16: dense with dtype="bfloat16", the strongest exact baseline on a
+  CPU with bf16 matrix instructions.
 
 Beside each time: the step's matmul FLOPs (`tvq.flops.train_step_flops`;
 the optimizer adds no products) and the rate they were done at, next to the
@@ -27,7 +29,7 @@ As in benchmarks/attention.py, a forced host device count in XLA_FLAGS is
 dropped before JAX starts: one device is what is measured.
 
 Usage: python benchmarks/model.py [--max-len 32768] [--rounds 2]
-                                  [--variants vq vq-bf16 dense dense_full]
+                                  [--variants vq vq-bf16 dense dense_full dense-bf16]
                                   [--out F]
 """
 
@@ -55,6 +57,7 @@ VARIANTS = {  # name: (attention, dtype)
     "vq-bf16": ("vq", "bfloat16"),
     "dense": ("dense", "float32"),
     "dense_full": ("dense_full", "float32"),
+    "dense-bf16": ("dense", "bfloat16"),
 }
 COLUMNS = [
     "length",
@@ -274,7 +277,9 @@ def report(table: list[dict], rates: dict) -> None:
     print("speed-ups (time ratio; FLOP ratio in brackets):")
     for length in sorted({row["length"] for row in table}):
         parts = []
-        for slow, fast in (("dense", "vq"), ("dense_full", "vq"), ("vq", "vq-bf16")):
+        pairs = [("dense", "vq"), ("dense_full", "vq"), ("vq", "vq-bf16")]
+        pairs.append(("dense-bf16", "vq-bf16"))
+        for slow, fast in pairs:
             r, f = ratio(length, slow, fast), ratio(length, slow, fast, "gflop")
             if r is not None:
                 parts.append(f"{slow}/{fast} {r:5.2f}x [{f:.2f}x]")
@@ -286,13 +291,18 @@ def report(table: list[dict], rates: dict) -> None:
     if (s := ratio(8192, "vq", "vq-bf16")) is not None:
         line(s >= 2.0, f"vq-bf16 step >= 2x faster than vq at L = 8192 ({s:.2f}x)")
     for length, target in ((8192, 3.0), (32768, 12.0)):
-        for dense in ("dense", "dense_full"):
-            s = ratio(length, dense, "vq")
+        for dense, vq in (
+            ("dense", "vq"),
+            ("dense_full", "vq"),
+            ("dense-bf16", "vq-bf16"),
+        ):
+            s = ratio(length, dense, vq)
             if s is not None:
                 line(
-                    s >= target, f"{dense}/vq >= {target:g}x at L = {length} ({s:.1f}x)"
+                    s >= target,
+                    f"{dense}/{vq} >= {target:g}x at L = {length} ({s:.1f}x)",
                 )
-            elif (length, "vq") in by and (length, dense) in by:
+            elif (length, vq) in by and (length, dense) in by:
                 print(f"    {dense} does not fit at L = {length}")
     per_token = [
         by[n, "vq"]["us_per_token"]
