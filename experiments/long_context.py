@@ -76,9 +76,9 @@ SHAPES = dict(
     d_k=128,
     d_v=512,
     n_layer=2,
-    n_code=256,
-    block_len=256,
-    mem_len=256,
+    n_code=512,
+    block_len=512,
+    mem_len=512,
     sequence_len=8192,
     update_len=2048,
     global_batch_size=2,
@@ -91,7 +91,7 @@ VARIANTS = {
     "window": dict(attention="vq", agg_cache=False),
 }
 # Position bins in a held-out file, in bytes: [lo, hi).
-BINS = [(0, 256), (256, 2048), (2048, 8192), (8192, None)]
+BINS = [(0, 512), (512, 2048), (2048, 8192), (8192, None)]
 
 
 def parse_args(argv=None):
@@ -99,7 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=15.0, help="per variant")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=10, help="batches")
+    p.add_argument("--eval-every", type=int, default=15, help="batches")
     p.add_argument("--eval-bytes", type=int, default=1 << 17)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
@@ -115,9 +115,9 @@ def bin_name(lo, hi) -> str:
 class Scorer:
     """Held-out bits per byte as streams, split by position in each file."""
 
-    def __init__(self, config, corpus, documents, batch_size=8):
+    def __init__(self, config, corpus, batch_size=8):
         self.config = config.replace(is_train=False)
-        self.corpus, self.documents, self.b = corpus, documents, batch_size
+        self.corpus, self.b = corpus, batch_size
         self.carry = carries_state(config)
         chunk = self.config.sequence_len
         self.fresh = Transformer.initial_state(
@@ -125,13 +125,13 @@ class Scorer:
         )
         self.step = jax.jit(lambda p, batch, s: eval_step(self.config, p, batch, s))
 
-    def __call__(self, params) -> dict:
+    def __call__(self, params, documents) -> dict:
         chunk = self.config.sequence_len
         sums = np.zeros([len(BINS), 2])
         state = None
         c = 0
         for first, batch in stream_batches(
-            self.corpus, self.documents, batch_size=self.b, chunk_len=chunk
+            self.corpus, documents, batch_size=self.b, chunk_len=chunk
         ):
             c = 0 if first else c + 1
             if first or not self.carry:
@@ -231,12 +231,12 @@ def main(argv=None):
     tokens_per_batch = some.global_batch_size * some.sequence_len
     heldout_all = corpus.heldout_documents()
     heldout_curve = corpus.heldout_documents(args.eval_bytes)
-    curve_scorers = {n: Scorer(c, corpus, heldout_curve) for n, c in configs.items()}
+    scorers = {n: Scorer(c, corpus) for n, c in configs.items()}
     curve, snapshots = [], {}
     stop_batch = None  # the batch count where the first variant ran out of time
 
     def record(r):
-        score = curve_scorers[r.name](r.state.params)
+        score = scorers[r.name](r.state.params, heldout_curve)
         curve.append(
             dict(
                 variant=r.name,
@@ -273,8 +273,7 @@ def main(argv=None):
     results = []
     for name, r in runners.items():
         config = configs[name]
-        scorer = Scorer(config, corpus, heldout_all)
-        final = scorer(r.state.params)
+        final = scorers[name](r.state.params, heldout_all)
         row = dict(
             variant=name,
             seed=args.seed,
@@ -292,7 +291,7 @@ def main(argv=None):
         results.append(row)
         print(row, flush=True)
         if stop_batch is not None and name in snapshots and r.batches > stop_batch:
-            early = scorer(snapshots[name])
+            early = scorers[name](snapshots[name], heldout_all)
             results.append(
                 dict(
                     row,
@@ -312,7 +311,9 @@ def main(argv=None):
 
 
 def rounded(score: dict) -> dict:
-    return {k: round(float(v), 5) if isinstance(v, float) else v for k, v in score.items()}
+    return {
+        k: round(float(v), 5) if isinstance(v, float) else v for k, v in score.items()
+    }
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

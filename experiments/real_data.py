@@ -155,6 +155,7 @@ def main(argv=None):
             w.writerow(row)
         return
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     row |= dict(python=stdlib.python_version(), corpus_sha256=corpus.digest)
     write_csv(out / "real_data_results.csv", [row])
     curve = []
@@ -173,11 +174,19 @@ def main(argv=None):
             )
         )
     write_csv(out / "real_data_curve.csv", curve)
-    stdlib.write_file_list(corpus, out / "real_data_files.csv")
+    config_best, best = load_params(workdir / "checkpoints")
+    scores = stdlib.score_files(config_best, best, corpus, corpus.heldout_documents())
+    bits, n = (sum(x) for x in zip(*scores.values(), strict=True))
+    if n != result["n_bytes"] or abs(bits / n - result["bits_per_byte"]) > 1e-3:
+        raise ValueError(
+            f"per-file scores sum to {bits / n:.5f} bits per byte over {n} bytes; "
+            f"tvq.lm.evaluate gave {result['bits_per_byte']:.5f} "
+            f"over {result['n_bytes']}"
+        )
+    stdlib.write_file_list(corpus, out / "real_data_files.csv", scores)
     export = out / "stdlib_vq"
     if export.exists():
         shutil.rmtree(export)
-    config_best, best = load_params(workdir / "checkpoints")
     save_params(export, config_best, best)
     samples = []
     for prompt in PROMPTS:

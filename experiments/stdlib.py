@@ -20,6 +20,13 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import jax
+import numpy as np
+
+from tvq.corpus import stream_batches
+from tvq.model import Transformer
+from tvq.train import carries_state, eval_step
+
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
 
 
@@ -71,17 +78,57 @@ def compressor_bits(data: bytes) -> dict[str, float]:
     return {name: 8 * size / len(data) for name, size in sizes.items()}
 
 
-def write_file_list(corpus, path: Path) -> None:
-    """CSV of every document: split, path, bytes, SHA-256."""
+def write_file_list(corpus, path: Path, scores: dict | None = None) -> None:
+    """CSV of every document: split, path, bytes, SHA-256; for held-out ones
+    also the model's bits per byte (from `scores`, of `score_files`) and each
+    compressor's on that file alone."""
     lo, _ = corpus.index["heldout"]
+    names = ["gzip -9", "bz2 -9", "xz -9e"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["split", "path", "bytes", "sha256"])
+        w.writerow(["split", "path", "bytes", "sha256", "model_bpb", *names])
         for d in corpus.index["documents"]:
             text = bytes(corpus.data[d["offset"] : d["offset"] + d["size"]])
             split = "heldout" if d["offset"] >= lo else "train"
-            w.writerow([split, d["key"], d["size"], hashlib.sha256(text).hexdigest()])
+            row = [split, d["key"], d["size"], hashlib.sha256(text).hexdigest()]
+            if split == "heldout" and scores is not None:
+                bits, n = scores[d["key"]]
+                per_file = compressor_bits(text)
+                row += [round(bits / n, 4), *(round(per_file[k], 4) for k in names)]
+            w.writerow(row)
 
 
 def python_version() -> str:
     return ".".join(map(str, sys.version_info[:3]))
+
+
+def score_files(config, params, corpus, documents, batch_size: int = 8) -> dict:
+    """{key: (bits, bytes)}: the model's total bits on each document, as a stream.
+
+    Each document is read from its first byte in chunks of sequence_len, the
+    attention state carried from chunk to chunk over the whole document
+    (attention="vq"; dense attention starts a fresh buffer every chunk, as
+    `tvq.lm.evaluate`).
+    """
+    config = config.replace(is_train=False)
+    chunk = config.sequence_len
+    carry = carries_state(config)
+    fresh = Transformer.initial_state(config, batch_size, None if carry else chunk)
+    step = jax.jit(lambda p, batch, s: eval_step(config, p, batch, s))
+    docs = sorted(documents, key=lambda d: -d.size)
+    totals = {d.key: [0.0, 0] for d in docs}
+    state, group = None, -1
+    for first, batch in stream_batches(
+        corpus, docs, batch_size=batch_size, chunk_len=chunk
+    ):
+        group += first
+        if first or not carry:
+            state = fresh
+        out = step(params, batch, state)
+        state = out["attn_state"]
+        nll = np.asarray(out["nll"], np.float64)
+        mask = batch["loss_mask"] != 0
+        for row, doc in enumerate(docs[group * batch_size : (group + 1) * batch_size]):
+            totals[doc.key][0] += nll[row][mask[row]].sum() / np.log(2.0)
+            totals[doc.key][1] += int(mask[row].sum())
+    return {k: (bits, n) for k, (bits, n) in totals.items()}
