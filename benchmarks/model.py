@@ -4,7 +4,7 @@ One training step is the forward pass, the backward pass and the optimizer
 update (`tvq.train`'s optimizer: AdamW for the weights, SGD(1) for the
 codebook), jitted, timed after a warm-up run. The model is the paper's shape
 scaled down: d_model 256, d_k 128, d_v 512, one head, one layer of two GAUs,
-S = T = M = 512, 256 tokens, batch 1. Four variants run, everything but the
+S = T = M = 512, 256 tokens, batch 1. Five variants run, everything but the
 attention equal, for L = 2048 .. 32768, interleaved in rounds so that load
 from elsewhere on the machine hits them alike:
 
