@@ -4,8 +4,10 @@ Three byte models of the same shapes on the standard-library corpus of
 `stdlib.py`, with sequences of 8,192 bytes cut into update windows of 2,048
 (truncated backpropagation, one optimizer step per window):
 
-- vq: Transformer-VQ (attention="vq"), its state carried across windows and
-  batches (the rows are continuous streams);
+- vq: Transformer-VQ (attention="vq"), its state carried across the four
+  windows of a sequence and started afresh with every sequence, as the
+  reference's `ops/train.py` does (`--carry-state` carries it from batch to
+  batch instead: the rows are continuous streams);
 - dense: exact causal attention (attention="dense", block by block), its
   key/value buffer carried across the four windows of a sequence;
 - window: the VQ layer with the cache switched off (agg_cache=False), so each
@@ -96,13 +98,19 @@ BINS = [(0, 512), (512, 2048), (2048, 8192), (8192, None)]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--minutes", type=float, default=15.0, help="per variant")
+    p.add_argument("--minutes", type=float, default=10.0, help="per variant")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=15, help="batches")
     p.add_argument("--eval-bytes", type=int, default=1 << 17)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--carry-state",
+        action="store_true",
+        help="vq and window carry their state from batch to batch (default: "
+        "a fresh state every sequence, as the reference's train_op)",
+    )
     p.add_argument("--workdir", default=str(ROOT / "runs" / "real_data"))
     p.add_argument("--out", default=str(ROOT / "book" / "data"))
     return p.parse_args(argv)
@@ -154,9 +162,9 @@ class Scorer:
 class Runner:
     """One variant: its config, state and the training time it has spent."""
 
-    def __init__(self, name, config, mesh, seed):
+    def __init__(self, name, config, mesh, seed, carry=False):
         self.name, self.config, self.mesh = name, config, mesh
-        self.carry = carries_state(config)
+        self.carry = carry and carries_state(config)
         rng_init, self.rng = jax.random.split(jax.random.key(seed))
         self.state = replicate(init_train_state(config, rng_init), mesh)
         self.step_fn = make_train_step(config, mesh, carry=self.carry)
@@ -214,7 +222,7 @@ def main(argv=None):
     # Calibration: the time of a batch, to end each cosine schedule on time.
     n_steps = {}
     for name, config in make_configs(args).items():
-        runner = Runner(name, config, mesh, args.seed)
+        runner = Runner(name, config, mesh, args.seed, args.carry_state)
         runner.train_on(corpus, args.seed)  # compiles
         per_batch = min(runner.train_on(corpus, args.seed) for _ in range(2))
         windows = config.sequence_len // config.update_len
@@ -226,7 +234,9 @@ def main(argv=None):
         del runner
 
     configs = make_configs(args, n_steps)
-    runners = {n: Runner(n, c, mesh, args.seed) for n, c in configs.items()}
+    runners = {
+        n: Runner(n, c, mesh, args.seed, args.carry_state) for n, c in configs.items()
+    }
     some = next(iter(configs.values()))
     tokens_per_batch = some.global_batch_size * some.sequence_len
     heldout_all = corpus.heldout_documents()
