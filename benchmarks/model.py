@@ -4,9 +4,9 @@ One training step is the forward pass, the backward pass and the optimizer
 update (`tvq.train`'s optimizer: AdamW for the weights, SGD(1) for the
 codebook), jitted, timed after a warm-up run. The model is the paper's shape
 scaled down: d_model 256, d_k 128, d_v 512, one head, one layer of two GAUs,
-S = T = M = 512, 256 tokens, batch 1. Five variants run, everything but the
-attention equal, for L = 2048 .. 32768, interleaved in rounds so that load
-from elsewhere on the machine hits them alike:
+S = T = M = 512, a vocabulary of 256, batch 1. Five variants run, everything
+but the attention equal, for L = 2048 .. 32768, interleaved in rounds so that
+load from elsewhere on the machine hits them alike:
 
 - vq: attention="vq", float32;
 - vq-bf16: the same with dtype="bfloat16" (bf16 products, float32 sums);
